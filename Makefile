@@ -1,0 +1,47 @@
+# Two set-up commands on a fresh machine: `make demo` and `make test`. Both install what they need.
+SHELL := /bin/bash
+PY ?= python3.11
+UV_VERSION := 0.13.8
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+BIN := $(VENV)/bin
+FHIR_PEER := peers/fhir-server
+
+.PHONY: install demo test lint typecheck pytest bench clean
+
+$(UV):
+	$(PY) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(BIN)/schoolslink: $(UV) pyproject.toml uv.lock
+	$(UV) sync --frozen --python $(PY) --quiet
+	@touch $@
+
+$(FHIR_PEER)/node_modules/.installed: $(FHIR_PEER)/package.json $(FHIR_PEER)/package-lock.json
+	@command -v node >/dev/null && command -v npm >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm)
+	cd $(FHIR_PEER) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+install: $(BIN)/schoolslink $(FHIR_PEER)/node_modules/.installed
+
+demo: install
+	$(BIN)/schoolslink demo
+
+lint: install
+	$(BIN)/ruff check .
+
+typecheck: install
+	$(BIN)/mypy schoolslink/
+
+pytest: install
+	$(BIN)/pytest -q
+
+test: lint typecheck pytest
+
+bench: install
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf .schoolslink .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,64 @@
+"""mis_ingest: school MIS exports -> the school context each trust may have, as FHIR resources we own.
+
+landing zone -> parse CTF -> validate (Great Expectations) -> govern (agreement, consent, identity
+match) -> map -> outbox -> FHIR batch of PUT by id -> ledger. Fanned out over a few chunks of schools.
+Wiring only: every task calls one function of schoolslink/.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pendulum
+from airflow.sdk import dag, task
+
+
+@dag(
+    dag_id="mis_ingest",
+    schedule="15 * * * *",  # the sweep; the event-driven trigger comes with the HL7v2/events issue
+    start_date=pendulum.datetime(2026, 9, 1, tz="Europe/London"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["schoolslink", "school-to-trust"],
+    doc_md=__doc__,
+)
+def mis_ingest() -> None:
+    @task
+    def plan() -> list[dict[str, Any]]:
+        from schoolslink import airflow_glue
+        from schoolslink.pipeline import ingest
+
+        run_id, _, _ = airflow_glue.run_facts()
+        return ingest.plan(run_id, airflow_glue.max_chunks())
+
+    @task
+    def parse_validate(chunk: dict[str, Any]) -> dict[str, Any]:
+        from schoolslink import airflow_glue
+        from schoolslink.pipeline import ingest
+
+        run_id, run_date, _ = airflow_glue.run_facts()
+        return ingest.parse_validate(run_id, chunk, run_date)
+
+    @task
+    def govern_map(part: dict[str, Any]) -> dict[str, Any]:
+        from schoolslink import airflow_glue
+        from schoolslink.pipeline import ingest
+
+        run_id, run_date, _ = airflow_glue.run_facts()
+        return ingest.govern_map(run_id, part, run_date)
+
+    @task
+    def deliver(parts: list[dict[str, Any]]) -> dict[str, Any]:
+        from schoolslink import airflow_glue, runs
+        from schoolslink.pipeline import ingest
+
+        run_id, run_date, now = airflow_glue.run_facts()
+        parts = list(parts)
+        sent = ingest.deliver(run_id, parts, run_date, now)
+        summary = {**runs.merge_counts(parts), **sent}
+        return runs.finish(run_id, "mis_ingest", airflow_glue.started_at(), now, summary)
+
+    deliver(govern_map.expand(part=parse_validate.expand(chunk=plan())))
+
+
+mis_ingest()

@@ -1,0 +1,1 @@
+"""Governance: agreements, consent, identity matching. Code's input is the agreement; nothing leaves without it."""

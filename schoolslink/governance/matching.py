@@ -1,0 +1,100 @@
+"""The first identity match: no guessed identity.
+
+A trust's Patient links to a learner only when the Patient's NHS number is verified (status 01), the
+trust names the school, and name + date of birth agree (as a keyed match hash) with exactly one
+learner on that school's roll, and neither side is a sensitive case. Anything else waits unlinked in
+the review queue with its reason, and nothing about it is disclosed. The governance issue adds scored
+demographic matching, PDS-style traces and `schoolslink match review`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, select
+
+from schoolslink.model import MatchMethod, ReviewReason
+from schoolslink.store.schema import learners, links, patients, review_queue
+from schoolslink.store.upsert import upsert
+
+
+@dataclass(frozen=True, slots=True)
+class MatchCounts:
+    linked: int
+    review: int
+
+
+def match_pending(conn: Connection, run_id: str, school_urns: Iterable[str] | None = None) -> MatchCounts:
+    """Match the trust patients (of these schools, or all) that have no link and no review decision."""
+    q = select(patients)
+    urns = sorted(set(school_urns)) if school_urns is not None else None
+    if urns is not None:
+        q = q.where(patients.c.school_urn.in_(urns))
+    pats = list(conn.execute(q).mappings())
+    if not pats:
+        return MatchCounts(0, 0)
+
+    linked_refs = {
+        (r.trust_ods, r.patient_ref) for r in conn.execute(select(links.c.trust_ods, links.c.patient_ref))
+    }
+    decided = {
+        (r.trust_ods, r.patient_ref)
+        for r in conn.execute(
+            select(review_queue.c.trust_ods, review_queue.c.patient_ref).where(review_queue.c.status != "open")
+        )
+    }
+    pats = [p for p in pats if (p["trust_ods"], p["patient_ref"]) not in linked_refs | decided]
+    need_schools = sorted({p["school_urn"] for p in pats if p["school_urn"]})
+
+    roll: dict[tuple[str, str], list[dict[str, object]]] = defaultdict(list)
+    for i in range(0, len(need_schools), 500):
+        rows = conn.execute(
+            select(
+                learners.c.learner_key, learners.c.school_urn, learners.c.match_hash,
+                learners.c.looked_after, learners.c.adopted, learners.c.child_protection,
+                learners.c.do_not_tell_parent,
+            ).where(learners.c.school_urn.in_(need_schools[i : i + 500]))
+        ).mappings()
+        for r in rows:
+            roll[(r["school_urn"], r["match_hash"])].append(dict(r))
+
+    new_links, reviews = [], []
+    for p in pats:
+        reason: ReviewReason | None = None
+        candidate = None
+        if p["restricted"]:
+            reason = ReviewReason.RESTRICTED
+        elif not p["school_urn"]:
+            reason = ReviewReason.NO_SCHOOL_NAMED
+        elif not p["verified"]:
+            reason = ReviewReason.UNVERIFIED_NHS_NUMBER
+        else:
+            cands = roll.get((p["school_urn"], p["match_hash"]), [])
+            if not cands:
+                reason = ReviewReason.NO_CANDIDATE
+            elif len(cands) > 1:
+                reason = ReviewReason.SEVERAL_CANDIDATES
+            else:
+                candidate = cands[0]
+                if any(candidate[f] for f in ("looked_after", "adopted", "child_protection", "do_not_tell_parent")):
+                    reason = ReviewReason.SENSITIVE_CASE
+        if reason is None and candidate is not None:
+            new_links.append({
+                "learner_key": candidate["learner_key"], "trust_ods": p["trust_ods"],
+                "patient_key": p["patient_key"], "patient_ref": p["patient_ref"],
+                "method": MatchMethod.VERIFIED_NHS_NUMBER_NAME_DOB.value, "confidence": 1.0,
+                "confirmed_by": None, "withdrawn": False, "linked_run": run_id,
+            })
+        else:
+            reviews.append({
+                "trust_ods": p["trust_ods"], "patient_ref": p["patient_ref"], "patient_key": p["patient_key"],
+                "school_urn": p["school_urn"],
+                "candidate_learner_key": candidate["learner_key"] if candidate else None,
+                "reason": (reason or ReviewReason.NO_CANDIDATE).value, "status": "open", "updated_run": run_id,
+            })
+    # A learner already linked to another patient of the same trust is not linked twice.
+    upsert(conn, links, new_links, ["learner_key", "trust_ods"])
+    upsert(conn, review_queue, reviews, ["trust_ods", "patient_ref"])
+    return MatchCounts(len(new_links), len(reviews))

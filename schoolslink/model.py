@@ -1,0 +1,191 @@
+"""The canonical model: the one shape every mapping reads or writes (DESIGN.md, "Canonical model").
+
+Plain, typed, slotted dataclasses: cheap to build by the hundred thousand, easy to serialise to the
+work store as JSON lines. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from typing import Any
+
+
+class Direction(enum.StrEnum):
+    SCHOOL_TO_TRUST = "school_to_trust"
+    TRUST_TO_SCHOOL = "trust_to_school"
+
+
+class ConsentGiver(enum.StrEnum):
+    PARENT = "parent"  # a person with parental responsibility
+    YOUNG_PERSON = "young_person"  # 16-17 with capacity, or a competent (Gillick) younger child
+    LOCAL_AUTHORITY = "local_authority"  # parental responsibility for a looked-after child
+
+
+class ConsentDecision(enum.StrEnum):
+    PERMIT = "permit"
+    DENY = "deny"
+
+
+class ConsentStatus(enum.StrEnum):
+    ACTIVE = "active"
+    WITHDRAWN = "withdrawn"
+    EXPIRED = "expired"
+
+
+class ReferralStatus(enum.StrEnum):
+    RECEIVED = "received"
+    BEING_ASSESSED = "being_assessed"
+    ACCEPTED_WAITING = "accepted_waiting"
+    IN_TREATMENT = "in_treatment"
+    NOT_ACCEPTED = "not_accepted"
+    DISCHARGED = "discharged"
+    MOVED_TO_ADULT_SERVICES = "moved_to_adult_services"
+    MOVED_AREA = "moved_area"
+
+
+class MatchMethod(enum.StrEnum):
+    VERIFIED_NHS_NUMBER_NAME_DOB = "verified_nhs_number+name+dob"
+    CONFIRMED_BY_REVIEWER = "confirmed_by_reviewer"
+
+
+class ReviewReason(enum.StrEnum):
+    NO_CANDIDATE = "no pupil on the named school's roll has this name and date of birth"
+    SEVERAL_CANDIDATES = "more than one pupil on the named school's roll has this name and date of birth"
+    UNVERIFIED_NHS_NUMBER = "the trust's NHS number is not verified (status other than 01)"
+    NO_SCHOOL_NAMED = "the trust's record names no school"
+    SENSITIVE_CASE = "looked-after, adopted, child-protection or do-not-tell-parent case: needs a person"
+    RESTRICTED = "restricted record (PDS R): never disclosed"
+
+
+@dataclass(slots=True)
+class LearnerFlags:
+    looked_after: bool = False
+    adopted: bool = False
+    child_protection: bool = False
+    restricted: bool = False
+    do_not_tell_parent: bool = False
+
+    @property
+    def sensitive(self) -> bool:
+        return (
+            self.looked_after
+            or self.adopted
+            or self.child_protection
+            or self.restricted
+            or self.do_not_tell_parent
+        )
+
+
+@dataclass(slots=True)
+class Learner:
+    """A pupil or student as a school's MIS export states them."""
+
+    upn: str
+    school_urn: str
+    surname: str
+    forename: str
+    dob: date
+    sex: str  # M / F / U (CTF 25 Sex; CTF 24 Gender)
+    former_upns: list[str] = field(default_factory=list)
+    uln: str | None = None
+    middle_names: str = ""
+    preferred_surname: str = ""
+    preferred_forename: str = ""
+    postcode: str = ""
+    address_lines: list[str] = field(default_factory=list)
+    nhs_number: str | None = None
+    nhs_number_status: str | None = None
+    year_group: str = ""
+    enrol_status: str = "C"
+    sen_provision: str = "N"  # E EHC plan, K SEN support, N none (S retired)
+    ethnicity: str = ""
+    fsm_eligible: bool | None = None
+    attendance_sessions_possible: int | None = None
+    attendance_sessions_attended: int | None = None
+    attendance_sessions_authorised_absence: int | None = None
+    attendance_sessions_unauthorised_absence: int | None = None
+    exclusions_fixed_count: int = 0
+    exclusions_permanent: bool = False
+    leaving_date: date | None = None
+    contacts: list[dict[str, Any]] = field(default_factory=list)
+    flags: LearnerFlags = field(default_factory=LearnerFlags)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class SchoolContext:
+    """What a school may tell the trust about a learner: only what an agreement allows."""
+
+    attendance_percent: float | None = None
+    sen_provision: str | None = None
+    exclusions_fixed_count: int | None = None
+    year_group: str | None = None
+
+
+@dataclass(slots=True)
+class Consent:
+    consent_id: str  # source record id: 'school:<urn>:<row>' or 'fhir:Consent/<id>'
+    subject_key: str  # learner key (school side) or patient key (trust side)
+    given_by: ConsentGiver
+    decision: ConsentDecision
+    directions: tuple[Direction, ...]
+    purposes: tuple[str, ...]
+    valid_from: date
+    valid_to: date | None = None
+    status: ConsentStatus = ConsentStatus.ACTIVE
+    withdrawn_on: date | None = None
+    data_items: tuple[str, ...] | None = None  # None: every item the agreement allows
+
+
+@dataclass(slots=True)
+class PatientLink:
+    learner_key: str
+    patient_key: str  # keyed pseudonym of the NHS number
+    trust_ods: str
+    patient_ref: str  # 'Patient/<trust id>' on the trust's server
+    method: MatchMethod
+    confidence: float
+    confirmed_by: str | None = None
+    withdrawn: bool = False
+
+
+@dataclass(slots=True)
+class NamedContact:
+    name: str
+    role: str
+    email: str
+
+
+@dataclass(slots=True)
+class Referral:
+    referral_id: str  # 'ServiceRequest/<id>' on the trust's server
+    trust_ods: str
+    patient_key: str
+    team_type: str | None
+    received: date | None
+    triaged: date | None
+    first_contact: date | None
+    status: ReferralStatus
+    outcome_reason: str | None = None  # MHSDS rejection or closure reason code
+    named_contact: NamedContact | None = None
+    next_appointment: date | None = None
+    transition: bool = False
+
+
+@dataclass(slots=True)
+class Disclosure:
+    run_id: str
+    dag_id: str
+    direction: Direction
+    recipient: str  # 'URN:<urn>' or 'ODS:<code>'
+    subject_key: str
+    data_items: tuple[str, ...]
+    agreement_id: str
+    agreement_version: str
+    consent_id: str
+    mapping_version: str
+    content_hash: str

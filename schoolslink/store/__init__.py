@@ -1,0 +1,1 @@
+"""The state store: watermarks, roll hashes, consent register, identity links, outbox, ledger."""

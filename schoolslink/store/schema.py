@@ -1,0 +1,234 @@
+"""Tables of the state store (SQLAlchemy Core). Alembic migrations in `schoolslink/migrations` create them.
+
+What is kept, and why (DESIGN.md, minimisation): the whole roll only as keyed hashes used for matching
+(`learners` without `plain`); plain personal data (`learners.plain`) only for learners with an active
+consent; the trust's patients only as keyed pseudonyms and match hashes, never names or NHS numbers.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Date,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("run_id", String(250), primary_key=True),
+    Column("dag_id", String(100), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("summary", JSON),  # counts and reasons only: never pupil data
+)
+
+learners = Table(
+    "learners",
+    metadata,
+    Column("learner_key", String(40), primary_key=True),
+    Column("school_urn", String(10), nullable=False),
+    Column("match_hash", String(40), nullable=False),
+    Column("looked_after", Boolean, nullable=False, default=False),
+    Column("adopted", Boolean, nullable=False, default=False),
+    Column("child_protection", Boolean, nullable=False, default=False),
+    Column("do_not_tell_parent", Boolean, nullable=False, default=False),
+    Column("competent", Boolean, nullable=False, default=False),  # Gillick, as the school recorded
+    Column("left_school", Boolean, nullable=False, default=False),
+    Column("age_years", Integer),
+    Column("plain", JSON),  # canonical learner, only while a consent is active
+    Column("updated_run", String(250), nullable=False),
+    Index("ix_learners_school_match", "school_urn", "match_hash"),
+)
+
+consents = Table(
+    "consents",
+    metadata,
+    Column("consent_id", String(200), primary_key=True),
+    Column("source", String(10), nullable=False),  # 'school' | 'fhir'
+    Column("subject_key", String(40), nullable=False, index=True),
+    Column("given_by", String(20), nullable=False),
+    Column("decision", String(10), nullable=False),
+    Column("directions", String(100), nullable=False),
+    Column("purposes", String(200), nullable=False),
+    Column("data_items", Text),
+    Column("valid_from", Date, nullable=False),
+    Column("valid_to", Date),
+    Column("withdrawn_on", Date),
+    Column("competent", Boolean, nullable=False, default=False),
+    Column("updated_run", String(250), nullable=False),
+)
+
+patients = Table(
+    "patients",
+    metadata,
+    Column("trust_ods", String(10), primary_key=True),
+    Column("patient_ref", String(100), primary_key=True),
+    Column("patient_key", String(40), nullable=False, index=True),
+    Column("school_urn", String(10)),
+    Column("match_hash", String(40)),
+    Column("verified", Boolean, nullable=False),
+    Column("restricted", Boolean, nullable=False),
+    Column("version_id", String(64)),
+    Column("updated_run", String(250), nullable=False),
+)
+
+links = Table(
+    "links",
+    metadata,
+    Column("learner_key", String(40), primary_key=True),
+    Column("trust_ods", String(10), primary_key=True),
+    Column("patient_key", String(40), nullable=False),
+    Column("patient_ref", String(100), nullable=False),
+    Column("method", String(40), nullable=False),
+    Column("confidence", Float, nullable=False),
+    Column("confirmed_by", String(100)),
+    Column("withdrawn", Boolean, nullable=False, default=False),
+    Column("linked_run", String(250), nullable=False),
+)
+
+review_queue = Table(
+    "review_queue",
+    metadata,
+    Column("trust_ods", String(10), primary_key=True),
+    Column("patient_ref", String(100), primary_key=True),
+    Column("patient_key", String(40), nullable=False),
+    Column("school_urn", String(10)),
+    Column("candidate_learner_key", String(40)),
+    Column("reason", String(200), nullable=False),
+    Column("status", String(12), nullable=False, default="open"),  # open | confirmed | rejected
+    Column("updated_run", String(250), nullable=False),
+)
+
+trust_referrals = Table(
+    "trust_referrals",
+    metadata,
+    Column("trust_ods", String(10), primary_key=True),
+    Column("referral_ref", String(100), primary_key=True),  # ServiceRequest/<id>
+    Column("patient_ref", String(100), nullable=False, index=True),
+    Column("fhir_status", String(20), nullable=False),
+    Column("received", Date),
+    Column("team_type", String(10)),
+    Column("rejection_reason", String(10)),
+    Column("closure_reason", String(10)),
+    Column("transition", Boolean, nullable=False, default=False),
+    Column("moved_area", Boolean, nullable=False, default=False),
+    Column("performer_ref", String(100)),
+    Column("version_id", String(64)),
+    Column("updated_run", String(250), nullable=False),
+)
+
+trust_episodes = Table(
+    "trust_episodes",
+    metadata,
+    Column("trust_ods", String(10), primary_key=True),
+    Column("episode_ref", String(100), primary_key=True),
+    Column("referral_ref", String(100), nullable=False, index=True),
+    Column("fhir_status", String(20), nullable=False),
+    Column("start", Date),
+    Column("end", Date),
+    Column("care_manager_ref", String(100)),
+    Column("updated_run", String(250), nullable=False),
+)
+
+trust_appointments = Table(
+    "trust_appointments",
+    metadata,
+    Column("trust_ods", String(10), primary_key=True),
+    Column("appointment_ref", String(100), primary_key=True),
+    Column("referral_ref", String(100), nullable=False, index=True),
+    Column("fhir_status", String(20), nullable=False),
+    Column("start", Date),
+    Column("updated_run", String(250), nullable=False),
+)
+
+trust_practitioners = Table(
+    "trust_practitioners",
+    metadata,
+    Column("trust_ods", String(10), primary_key=True),
+    Column("role_ref", String(100), primary_key=True),
+    Column("name", String(200)),
+    Column("role", String(200)),
+    Column("email", String(200)),
+    Column("updated_run", String(250), nullable=False),
+)
+
+watermarks = Table(
+    "watermarks",
+    metadata,
+    Column("source", String(100), primary_key=True),
+    Column("resource_type", String(50), primary_key=True),
+    Column("value", String(64), nullable=False),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("destination", String(100), primary_key=True),
+    Column("resource_ref", String(120), primary_key=True),
+    Column("subject_key", String(40), nullable=False),
+    Column("content_hash", String(64), nullable=False),
+    Column("status", String(12), nullable=False),  # pending | sent | failed
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", String(500)),
+    Column("run_id", String(250), nullable=False),
+)
+
+ledger = Table(
+    "ledger",
+    metadata,
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("run_id", String(250), nullable=False, index=True),
+    Column("dag_id", String(100), nullable=False),
+    Column("direction", String(20), nullable=False),
+    Column("recipient", String(100), nullable=False),
+    Column("subject_key", String(40), nullable=False, index=True),
+    Column("data_items", String(500), nullable=False),
+    Column("agreement_id", String(100), nullable=False),
+    Column("agreement_version", String(20), nullable=False),
+    Column("consent_id", String(200), nullable=False),
+    Column("mapping_version", String(64), nullable=False),
+    Column("content_hash", String(64), nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("entry_hash", String(64), nullable=False),
+)
+
+quarantine = Table(
+    "quarantine",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("run_id", String(250), nullable=False, index=True),
+    Column("source", String(300), nullable=False),  # storage key of the input
+    Column("record", String(40)),  # 'pupil#17': a position, never an identifier
+    Column("field", String(60)),
+    Column("reason", String(500), nullable=False),
+)
+
+feed_rows = Table(
+    "feed_rows",
+    metadata,
+    Column("school_urn", String(10), primary_key=True),
+    Column("learner_key", String(40), primary_key=True),
+    Column("trust_ods", String(10), primary_key=True),
+    Column("content_hash", String(64), nullable=False),
+    Column("feed_date", Date, nullable=False),
+)
