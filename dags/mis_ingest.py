@@ -61,4 +61,4 @@ def mis_ingest() -> None:
     deliver(govern_map.expand(part=parse_validate.expand(chunk=plan())))
 
 
-mis_ingest()
+mis_ingest_dag = mis_ingest()

@@ -49,4 +49,4 @@ def nhs_sync() -> None:
     match(pull.expand(trust_ods=trusts()))
 
 
-nhs_sync()
+nhs_sync_dag = nhs_sync()

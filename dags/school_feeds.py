@@ -46,4 +46,4 @@ def school_feeds() -> None:
     summarise(build.expand(chunk=plan()))
 
 
-school_feeds()
+school_feeds_dag = school_feeds()

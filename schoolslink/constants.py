@@ -29,3 +29,14 @@ OUR_TAG_SYSTEM = "https://fhir.schoolslink.org.uk/CodeSystem/origin"
 OUR_TAG_CODE = "schoolslink"
 
 PURPOSE_SUPPORT = "cypmhs-school-support"
+
+# Extensions a trust uses for the MHSDS facts UK Core has no element for (documented in docs/formats.md).
+_SD = "https://fhir.schoolslink.org.uk/StructureDefinition/"
+TEAM_TYPE_EXT = _SD + "Extension-MHSDS-ServiceTeamTypeReferredTo"
+REJECTION_REASON_EXT = _SD + "Extension-MHSDS-ReferralRejectionReason"
+CLOSURE_REASON_EXT = _SD + "Extension-MHSDS-ReferralClosureReason"
+TRANSITION_EXT = _SD + "Extension-TransitionToAdultServices"
+CONFIDENTIALITY_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
+PURPOSE_SYSTEM = "https://fhir.schoolslink.org.uk/CodeSystem/purpose"
+# MHSDS closure reason 03: moved out of the area.
+CLOSURE_MOVED_AREA = "03"

@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, delete, select
 
 from schoolslink.model import MatchMethod, ReviewReason
 from schoolslink.store.schema import learners, links, patients, review_queue
@@ -96,5 +96,9 @@ def match_pending(conn: Connection, run_id: str, school_urns: Iterable[str] | No
             })
     # A learner already linked to another patient of the same trust is not linked twice.
     upsert(conn, links, new_links, ["learner_key", "trust_ods"])
+    # A patient that waited for its pupil's roll and now links leaves the review queue.
+    for lk in new_links:
+        conn.execute(delete(review_queue).where(review_queue.c.trust_ods == lk["trust_ods"],
+                                                review_queue.c.patient_ref == lk["patient_ref"]))
     upsert(conn, review_queue, reviews, ["trust_ods", "patient_ref"])
     return MatchCounts(len(new_links), len(reviews))

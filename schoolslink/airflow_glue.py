@@ -1,0 +1,40 @@
+"""The thin layer between Airflow tasks and the core: the only core module that imports Airflow.
+
+Each DAG task calls one function here with nothing but what Airflow gives it; the function returns
+storage keys and counts (never pupil data) for XCom.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, date, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+LONDON = ZoneInfo("Europe/London")
+
+
+def max_chunks() -> int:
+    """About as many chunks as workers (AIRFLOW__CORE__PARALLELISM, capped by the machine)."""
+    env = os.environ.get("SCHOOLSLINK_CHUNKS")
+    if env:
+        return max(1, int(env))
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def run_facts() -> tuple[str, date, datetime]:
+    """(run id, the run's date in Europe/London, the time now) for the running task."""
+    from airflow.sdk import get_current_context
+
+    ctx: Any = get_current_context()
+    run_id = str(ctx["run_id"])
+    when = ctx.get("logical_date") or ctx["dag_run"].run_after
+    return run_id, when.astimezone(LONDON).date(), datetime.now(UTC)
+
+
+def started_at() -> datetime:
+    from airflow.sdk import get_current_context
+
+    ctx: Any = get_current_context()
+    start = ctx["dag_run"].start_date
+    return start if start is not None else datetime.now(UTC)

@@ -1,0 +1,239 @@
+"""The school's nightly status feed: for each pupil the agreement and consent cover, where their
+referral stands tonight, in plain English (CSV for MIS import, JSON), with a manifest of row counts
+and SHA-256, written atomically into `SCHOOLSLINK_HOME/out/feeds/<URN>/<date>/`.
+
+A column whose data item the agreement or the consent does not allow is left empty. Every row is a
+disclosure to the school and gets a ledger entry. The feeds issue adds HTML, changes-only files,
+corrections, signposting and delivery to S3/SFTP.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, select
+
+from schoolslink import ledger
+from schoolslink.governance import register
+from schoolslink.governance.agreement import Agreement, agreement_for, load_agreements
+from schoolslink.governance.consent import ConsentFacts, decide
+from schoolslink.model import Direction, Disclosure
+from schoolslink.pipeline.common import store
+from schoolslink.settings import feeds_dir
+from schoolslink.status import PLAIN, WAITING, derive
+from schoolslink.store.schema import (
+    feed_rows,
+    learners,
+    links,
+    trust_appointments,
+    trust_episodes,
+    trust_practitioners,
+    trust_referrals,
+)
+from schoolslink.store.upsert import upsert
+
+PURPOSE = "cypmhs-school-support"
+FEED_VERSION = "1"
+COLUMNS = (
+    "upn", "surname", "forename", "trust_ods", "referral_received", "status", "status_code", "reason",
+    "days_waiting", "next_appointment", "contact_name", "contact_role", "contact_email", "transition",
+    "changed",
+)
+# Which feed columns each trust_to_school data item fills.
+ITEM_COLUMNS = {
+    "referral_received": ("referral_received",),
+    "referral_status": ("status", "status_code"),
+    "outcome_reason": ("reason",),
+    "days_waiting": ("days_waiting",),
+    "next_appointment": ("next_appointment",),
+    "named_contact": ("contact_name", "contact_role", "contact_email"),
+    "transition": ("transition",),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FeedCounts:
+    schools: int
+    rows: int
+    refused_by_consent: int
+    no_agreement: int
+
+
+def feed_dir(urn: str, feed_date: date) -> Path:
+    return feeds_dir() / urn / feed_date.isoformat()
+
+
+def build_school_feeds(run_id: str, urns: list[str], feed_date: date, at: datetime) -> FeedCounts:
+    agreements = load_agreements()
+    totals = defaultdict(int)
+    eng = store()
+    for urn in urns:
+        with eng.begin() as conn:
+            rows, disclosures, refused, no_agreement = _school_rows(conn, run_id, urn, feed_date, agreements)
+            _write_feed(urn, feed_date, rows, agreements, run_id)
+            ledger.append(conn, disclosures, at)
+            upsert(conn, feed_rows, [
+                {"school_urn": urn, "learner_key": r.pop("_learner_key"), "trust_ods": r["trust_ods"],
+                 "content_hash": r.pop("_hash"), "feed_date": feed_date} for r in rows
+            ], ["school_urn", "learner_key", "trust_ods"])
+        totals["schools"] += 1
+        totals["rows"] += len(rows)
+        totals["refused"] += refused
+        totals["no_agreement"] += no_agreement
+    return FeedCounts(totals["schools"], totals["rows"], totals["refused"], totals["no_agreement"])
+
+
+def _by(conn: Connection, table: Any, col: str, values: list[str], trust: str | None = None) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for i in range(0, len(values), 900):
+        q = select(table).where(table.c[col].in_(values[i : i + 900]))
+        for r in conn.execute(q).mappings():
+            out[r[col]].append(dict(r))
+    return out
+
+
+def _school_rows(
+    conn: Connection, run_id: str, urn: str, feed_date: date, agreements: list[Agreement]
+) -> tuple[list[dict[str, Any]], list[Disclosure], int, int]:
+    pupils = {
+        r["learner_key"]: dict(r)
+        for r in conn.execute(
+            select(learners).where(learners.c.school_urn == urn, learners.c.plain.is_not(None),
+                                   learners.c.left_school.is_(False))
+        ).mappings()
+    }
+    lks = _by(conn, links, "learner_key", list(pupils))
+    lks = {k: [x for x in v if not x["withdrawn"]] for k, v in lks.items()}
+    patient_refs = sorted({x["patient_ref"] for v in lks.values() for x in v})
+    refs = _by(conn, trust_referrals, "patient_ref", patient_refs)
+    referral_refs = sorted({r["referral_ref"] for v in refs.values() for r in v})
+    eps = _by(conn, trust_episodes, "referral_ref", referral_refs)
+    appts = _by(conn, trust_appointments, "referral_ref", referral_refs)
+    role_refs = sorted({r["performer_ref"] for v in refs.values() for r in v if r["performer_ref"]}
+                       | {e["care_manager_ref"] for v in eps.values() for e in v if e["care_manager_ref"]})
+    roles = {k: v[0] for k, v in _by(conn, trust_practitioners, "role_ref", role_refs).items()}
+    previous = {
+        (r.learner_key, r.trust_ods): r.content_hash
+        for r in conn.execute(select(feed_rows).where(feed_rows.c.school_urn == urn))
+    }
+    consents = register.load_for(conn, list(pupils) + [x["patient_key"] for v in lks.values() for x in v])
+
+    rows: list[dict[str, Any]] = []
+    disclosures: list[Disclosure] = []
+    refused = no_agreement = 0
+    for key, pupil in sorted(pupils.items()):
+        for lk in lks.get(key, []):
+            trust = lk["trust_ods"]
+            candidates = [r for r in refs.get(lk["patient_ref"], []) if r["trust_ods"] == trust]
+            if not candidates:
+                continue
+            agreement = agreement_for(agreements, urn, trust, feed_date)
+            if agreement is None:
+                no_agreement += 1
+                continue
+            facts = ConsentFacts(pupil["age_years"], pupil["competent"], pupil["looked_after"])
+            recs = consents.get(key, []) + consents.get(lk["patient_key"], [])
+            allowed: set[str] = set()
+            consent_id = None
+            for item in sorted(agreement.allowed(Direction.TRUST_TO_SCHOOL)):
+                d = decide(recs, facts, Direction.TRUST_TO_SCHOOL, PURPOSE, feed_date, item)
+                if d.allowed:
+                    allowed.add(item)
+                    consent_id = consent_id or d.consent_id
+            if not allowed or consent_id is None:
+                refused += 1
+                continue
+            ref = max(candidates, key=lambda r: (r["received"] or date.min, r["referral_ref"]))
+            st = derive(ref, eps.get(ref["referral_ref"], []), appts.get(ref["referral_ref"], []), feed_date)
+            ep_mgr = next((e["care_manager_ref"] for e in eps.get(ref["referral_ref"], []) if e["care_manager_ref"]), None)
+            role = roles.get(ep_mgr or ref["performer_ref"] or "")
+            plain = pupil["plain"]
+            full = {
+                "referral_received": ref["received"].isoformat() if ref["received"] else "",
+                "status": PLAIN[st.status], "status_code": st.status.value,
+                "reason": st.reason_text or "",
+                "days_waiting": str((feed_date - ref["received"]).days)
+                if ref["received"] and st.status in WAITING else "",
+                "next_appointment": st.next_appointment.isoformat() if st.next_appointment else "",
+                "contact_name": (role or {}).get("name") or "", "contact_role": (role or {}).get("role") or "",
+                "contact_email": (role or {}).get("email") or "",
+                "transition": "yes" if ref["transition"] else "",
+            }
+            row = {"upn": plain["upn"], "surname": plain["surname"], "forename": plain["forename"],
+                   "trust_ods": trust}
+            for item, cols in ITEM_COLUMNS.items():
+                for c in cols:
+                    row[c] = full[c] if item in allowed else ""
+            h = hashlib.sha256(json.dumps(row, sort_keys=True).encode()).hexdigest()
+            prev = previous.get((key, trust))
+            row["changed"] = "new" if prev is None else ("changed" if prev != h else "")
+            sent_items = tuple(sorted(i for i in allowed if any(row[c] for c in ITEM_COLUMNS[i])))
+            disclosures.append(Disclosure(
+                run_id=run_id, dag_id="school_feeds", direction=Direction.TRUST_TO_SCHOOL,
+                recipient=f"URN:{urn}", subject_key=key, data_items=sent_items or ("referral_status",),
+                agreement_id=agreement.id, agreement_version=agreement.version, consent_id=consent_id,
+                mapping_version=f"feed-v{FEED_VERSION}", content_hash=h,
+            ))
+            row["_learner_key"] = key
+            row["_hash"] = h
+            rows.append(row)
+    return rows, disclosures, refused, no_agreement
+
+
+def _write_feed(urn: str, feed_date: date, rows: list[dict[str, Any]], agreements: list[Agreement],
+                run_id: str) -> Path:
+    final = feed_dir(urn, feed_date)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    public = [{c: r[c] for c in COLUMNS} for r in rows]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\r\n")
+    w.writeheader()
+    w.writerows(public)
+    csv_bytes = buf.getvalue().encode("utf-8")
+    trusts = sorted({r["trust_ods"] for r in rows})
+    contacts = []
+    for a in agreements:
+        if a.covers_school(urn) and a.active_on(feed_date):
+            sc = a.school_contact(urn)
+            for t in a.trusts:
+                contacts.append({"agreement": a.id, "agreement_version": a.version, "trust_ods": t.ods,
+                                 "trust_name": t.name, "trust_link_worker": t.link_worker_name,
+                                 "trust_link_worker_email": t.link_worker_email,
+                                 "school_link_contact": sc[0] if sc else None,
+                                 "school_link_contact_email": sc[1] if sc else None})
+    doc = {"feed_version": FEED_VERSION, "school_urn": urn, "date": feed_date.isoformat(),
+           "link_contacts": contacts, "trusts": trusts, "rows": public}
+    json_bytes = json.dumps(doc, indent=1).encode("utf-8")
+    (tmp / "feed.csv").write_bytes(csv_bytes)
+    (tmp / "feed.json").write_bytes(json_bytes)
+    manifest = {
+        "school_urn": urn, "date": feed_date.isoformat(), "run_id": run_id, "rows": len(public),
+        "files": {
+            "feed.csv": {"sha256": hashlib.sha256(csv_bytes).hexdigest(), "bytes": len(csv_bytes)},
+            "feed.json": {"sha256": hashlib.sha256(json_bytes).hexdigest(), "bytes": len(json_bytes)},
+        },
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    return final

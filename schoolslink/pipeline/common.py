@@ -1,0 +1,44 @@
+"""What every stage shares: the run's store connection, dates, and recording of quarantine and runs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import date, datetime
+
+from sqlalchemy import Connection, Engine, insert
+
+from schoolslink.store.db import engine
+from schoolslink.store.schema import quarantine
+
+
+def store() -> Engine:
+    return engine()
+
+
+def as_date(value: str | date | datetime) -> date:
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    return date.fromisoformat(str(value)[:10])
+
+
+def age_on(dob: date, day: date) -> int:
+    return day.year - dob.year - ((day.month, day.day) < (dob.month, dob.day))
+
+
+def quarantine_rows(conn: Connection, run_id: str, source: str,
+                    items: Iterable[tuple[str | None, str | None, str]]) -> int:
+    rows = [
+        {"run_id": run_id, "source": source, "record": rec, "field": fld, "reason": reason[:500]}
+        for rec, fld, reason in items
+    ]
+    if rows:
+        conn.execute(insert(quarantine), rows)
+    return len(rows)
+
+
+def chunked(items: list[str], n: int) -> list[list[str]]:
+    """Split into at most n round-robin chunks, none empty."""
+    n = max(1, min(n, len(items)))
+    return [items[i::n] for i in range(n)] if items else []

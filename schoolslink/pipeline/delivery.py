@@ -1,0 +1,117 @@
+"""Delivery to a trust's FHIR server through the outbox, with consent checked again just before sending.
+
+Order for each destination: re-read agreements and consent (a withdrawal recorded since extraction
+stops the record), drop what the trust already has (outbox hash), PUT the rest by id in `batch`
+Bundles, then record outbox status and one ledger row per resource that landed, in one transaction.
+An entry the server refuses is quarantined with its reason; its bundle-mates land.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from connectors.fhir.client import FhirClient
+from schoolslink import ledger, outbox, workstore
+from schoolslink.endpoints import fhir_base
+from schoolslink.governance import register
+from schoolslink.governance.agreement import agreement_for, load_agreements
+from schoolslink.governance.consent import ConsentFacts, decide
+from schoolslink.model import Direction, Disclosure
+from schoolslink.pipeline.common import quarantine_rows, store
+from schoolslink.store.schema import learners, links
+
+PURPOSE = "cypmhs-school-support"
+
+
+def deliver_outbound(
+    run_id: str, dag_id: str, keys: list[str], run_date: date, at: datetime
+) -> dict[str, Any]:
+    by_dest: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for key in keys:
+        for row in workstore.read_jsonl(key):
+            by_dest[row["destination"]].append(row)
+    counts: dict[str, int] = defaultdict(int)
+    agreements = load_agreements()
+    eng = store()
+    for dest, rows in sorted(by_dest.items()):
+        base = fhir_base(dest)
+        with eng.begin() as conn:
+            rows = _recheck(conn, rows, agreements, run_date, counts)
+            hashes = {f"Observation/{r['resource']['id']}": outbox.content_hash(r["resource"]) for r in rows}
+            have = outbox.unchanged(conn, f"fhir:{dest}", hashes)
+        todo = [r for r in rows if f"Observation/{r['resource']['id']}" not in have]
+        counts["unchanged_not_sent"] += len(rows) - len(todo)
+        if not todo:
+            continue
+        if base is None:
+            counts["no_endpoint"] += len(todo)
+            with eng.begin() as conn:
+                quarantine_rows(conn, run_id, f"deliver:{dest}",
+                                [(None, None, f"no FHIR endpoint configured for trust {dest}; "
+                                  f"{len(todo)} record(s) wait in the outbox")])
+            continue
+        with FhirClient(base) as client:
+            results = client.put_batch([r["resource"] for r in todo])
+        sent, disclosures, failed = [], [], []
+        for r, res in zip(todo, results, strict=True):
+            ref = f"{res.resource_type}/{res.id}"
+            h = hashes[ref]
+            if res.ok:
+                sent.append((ref, r["subject_key"], h, "sent", None))
+                disclosures.append(Disclosure(
+                    run_id=run_id, dag_id=dag_id, direction=Direction.SCHOOL_TO_TRUST, recipient=f"ODS:{dest}",
+                    subject_key=r["subject_key"], data_items=(r["item"],), agreement_id=r["agreement_id"],
+                    agreement_version=r["agreement_version"], consent_id=r["consent_id"],
+                    mapping_version=r["mapping_version"], content_hash=h,
+                ))
+            else:
+                failed.append((ref, r["subject_key"], h, "failed", res.message))
+        with eng.begin() as conn:
+            outbox.record(conn, f"fhir:{dest}", sent + failed, run_id)
+            ledger.append(conn, disclosures, at)
+            quarantine_rows(conn, run_id, f"deliver:{dest}",
+                            [(subj, None, f"refused by the trust's server: {err}") for _, subj, _, _, err in failed])
+        counts["sent"] += len(sent)
+        counts["refused_by_server"] += len(failed)
+    return dict(counts)
+
+
+def _recheck(conn: Any, rows: list[dict[str, Any]], agreements: list[Any], run_date: date,
+             counts: dict[str, int]) -> list[dict[str, Any]]:
+    """Consent and agreement again, from the store as it is now."""
+    subjects = sorted({r["subject_key"] for r in rows})
+    facts: dict[str, ConsentFacts] = {}
+    live_links: set[tuple[str, str]] = set()
+    for i in range(0, len(subjects), 900):
+        part = subjects[i : i + 900]
+        for lr in conn.execute(
+            select(learners.c.learner_key, learners.c.age_years, learners.c.competent, learners.c.looked_after)
+            .where(learners.c.learner_key.in_(part))
+        ):
+            facts[lr.learner_key] = ConsentFacts(lr.age_years, lr.competent, lr.looked_after)
+        for lk in conn.execute(
+            select(links.c.learner_key, links.c.trust_ods)
+            .where(links.c.learner_key.in_(part), links.c.withdrawn.is_(False))
+        ):
+            live_links.add((lk.learner_key, lk.trust_ods))
+    records = register.load_for(conn, subjects + sorted({r["patient_key"] for r in rows}))
+    keep = []
+    for r in rows:
+        agreement = agreement_for(agreements, r["school_urn"], r["destination"], run_date)
+        if agreement is None or r["item"] not in agreement.allowed(Direction.SCHOOL_TO_TRUST):
+            counts["stopped_at_delivery_agreement"] += 1
+            continue
+        if (r["subject_key"], r["destination"]) not in live_links or r["subject_key"] not in facts:
+            counts["stopped_at_delivery_link"] += 1
+            continue
+        recs = records.get(r["subject_key"], []) + records.get(r["patient_key"], [])
+        d = decide(recs, facts[r["subject_key"]], Direction.SCHOOL_TO_TRUST, PURPOSE, run_date, r["item"])
+        if not d.allowed:
+            counts["stopped_at_delivery_consent"] += 1
+            continue
+        keep.append(r)
+    return keep

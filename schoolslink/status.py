@@ -1,0 +1,90 @@
+"""A trust's referral, episode and appointments -> the status a school reads, in plain English.
+
+The mappings issue moves these tables into declarative code tables (`mappings/`); the feeds issue
+adds per-trust signposting ("where else to go").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+from schoolslink.model import ReferralStatus
+
+PLAIN = {
+    ReferralStatus.RECEIVED: "Referral received",
+    ReferralStatus.BEING_ASSESSED: "Being assessed",
+    ReferralStatus.ACCEPTED_WAITING: "Accepted: waiting for first appointment",
+    ReferralStatus.IN_TREATMENT: "In treatment",
+    ReferralStatus.NOT_ACCEPTED: "Not accepted",
+    ReferralStatus.DISCHARGED: "Discharged",
+    ReferralStatus.MOVED_TO_ADULT_SERVICES: "Moved to adult services",
+    ReferralStatus.MOVED_AREA: "Moved to another area's service",
+}
+
+# MHSDS referral rejection reasons (reference/codes.md).
+REJECTION = {
+    "01": "Duplicate referral: the service already has a referral for this young person",
+    "02": "The service judged the referral not appropriate for it",
+    "03": "The referral was incomplete: the service needs more information",
+}
+# MHSDS referral closure reasons, grouped as NHS England dashboards group them.
+CLOSURE = {
+    "01": "Admitted or referred to another service",
+    "02": "Treatment complete",
+    "03": "Moved or requested discharge",
+    "04": "No further treatment appropriate",
+    "05": "Did not attend",
+    "07": "Moved or requested discharge",
+    "08": "Referred or signposted to another service",
+    "09": "Refused the service",
+}
+
+WAITING = {ReferralStatus.RECEIVED, ReferralStatus.BEING_ASSESSED, ReferralStatus.ACCEPTED_WAITING}
+
+
+@dataclass(frozen=True, slots=True)
+class SchoolStatus:
+    status: ReferralStatus
+    reason_code: str | None
+    reason_text: str | None
+    first_contact: date | None
+    next_appointment: date | None
+
+
+def derive(referral: dict[str, Any], episodes: list[dict[str, Any]], appointments: list[dict[str, Any]],
+           on: date) -> SchoolStatus:
+    """Status on `on`, from the stored rows of one ServiceRequest and its EpisodeOfCare / Appointments."""
+    past = sorted(a["start"] for a in appointments
+                  if a["start"] and a["start"] <= on and a["fhir_status"] in {"fulfilled", "arrived", "checked-in"})
+    future = sorted(a["start"] for a in appointments
+                    if a["start"] and a["start"] > on and a["fhir_status"] in {"booked", "pending", "proposed"})
+    first = past[0] if past else None
+    nxt = future[0] if future else None
+    active_eps = [e for e in episodes if e["fhir_status"] in {"active", "waitlist", "onhold"}]
+    finished_eps = [e for e in episodes if e["fhir_status"] == "finished"]
+
+    if referral["transition"]:
+        st, code = ReferralStatus.MOVED_TO_ADULT_SERVICES, referral["closure_reason"]
+    elif referral["moved_area"]:
+        st, code = ReferralStatus.MOVED_AREA, referral["closure_reason"]
+    elif referral["rejection_reason"] or referral["fhir_status"] in {"revoked", "entered-in-error"}:
+        st, code = ReferralStatus.NOT_ACCEPTED, referral["rejection_reason"]
+    elif referral["closure_reason"] or referral["fhir_status"] == "completed" or (finished_eps and not active_eps):
+        st, code = ReferralStatus.DISCHARGED, referral["closure_reason"]
+    elif active_eps:
+        waiting = all(e["fhir_status"] == "waitlist" for e in active_eps)
+        st = ReferralStatus.ACCEPTED_WAITING if waiting and first is None else ReferralStatus.IN_TREATMENT
+        code = None
+    elif referral["fhir_status"] == "active":
+        st, code = ReferralStatus.BEING_ASSESSED, None
+    else:
+        st, code = ReferralStatus.RECEIVED, None
+    text = None
+    if st is ReferralStatus.NOT_ACCEPTED and code:
+        text = REJECTION.get(code, f"Reason code {code}")
+    elif code:
+        text = CLOSURE.get(code, f"Reason code {code}")
+    return SchoolStatus(st, code, text, first, nxt if st not in {ReferralStatus.NOT_ACCEPTED,
+                                                                ReferralStatus.DISCHARGED} else None)

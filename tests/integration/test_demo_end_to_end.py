@@ -1,0 +1,178 @@
+"""The demo end to end, as a user runs it: `schoolslink demo` through Airflow against the real Medplum server.
+
+Asserts on what arrived at the trust's server and in the schools' feeds, and on what did not arrive
+anywhere: every value the synthetic trust marks as never-to-leave (and every identity of a pupil whose
+consent does not cover a direction) is searched in all its renderings in everything Medplum holds
+that we wrote, every feed, every log, the Airflow metadata database and the GX results.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connectors.fhir.client import FhirClient
+from connectors.fhir.server import MedplumServer
+from schoolslink.constants import OUR_META_SOURCE
+
+pytestmark = pytest.mark.slow
+RUN_DATE = "2026-11-26"
+SCHOOLS, PUPILS = "6", "1800"
+
+
+@dataclass
+class DemoRun:
+    home: Path
+    base: str
+    manifest: dict[str, Any]
+    first: dict[str, Any]
+    second: dict[str, Any]
+    outputs: str
+
+
+def _demo(home: Path, base: str, *extra: str) -> tuple[dict[str, Any], str]:
+    env_cmd = [sys.executable, "-m", "schoolslink.cli", "demo", "--schools", SCHOOLS, "--pupils", PUPILS,
+               "--date", RUN_DATE, "--out", str(home), "--fhir-base", base, "--json", *extra]
+    res = subprocess.run(env_cmd, capture_output=True, text=True, check=False, timeout=900,
+                         env={**__import__("os").environ, "SCHOOLSLINK_HOME": str(home),
+                              "SCHOOLSLINK_KEY": "e2e-test-key"})
+    assert res.returncode == 0, res.stderr[-4000:] + res.stdout[-2000:]
+    return json.loads(res.stdout.strip().splitlines()[-1]), res.stdout + res.stderr
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
+    home = tmp_path_factory.mktemp("demo")
+    with MedplumServer(log_path=home.parent / "medplum.log") as server:
+        first, out1 = _demo(home, server.base_url)
+        second, out2 = _demo(home, server.base_url, "--keep")
+        manifest = json.loads((home / "synth-manifest.json").read_text())
+        yield DemoRun(home, server.base_url, manifest, first, second, out1 + out2)
+
+
+def renderings(value: str, item: str) -> set[str]:
+    v = value.strip()
+    forms = {v, v.upper(), v.lower(), v.replace(" ", "")}
+    if re.fullmatch(r"\d{10}", v):  # NHS number, as people and systems write it
+        forms |= {f"{v[:3]} {v[3:6]} {v[6:]}", f"{v[:3]}-{v[3:6]}-{v[6:]}"}
+    return {f for f in forms if len(f) >= 4}
+
+
+def _our_resources(base: str) -> list[dict[str, Any]]:
+    with FhirClient(base) as client:
+        out = []
+        for rtype in ("Observation", "QuestionnaireResponse", "Communication", "DocumentReference", "Patient"):
+            out += [r for r in client.all_resources(rtype) if (r.get("meta") or {}).get("source") == OUR_META_SOURCE]
+        return out
+
+
+def _texts(paths: list[Path]) -> dict[str, str]:
+    return {str(p): p.read_bytes().decode("utf-8", "replace") for p in paths if p.is_file()}
+
+
+def _find(haystacks: dict[str, str], needles: dict[str, str]) -> list[str]:
+    hits = []
+    for name, text in haystacks.items():
+        for form, what in needles.items():
+            if form in text:
+                hits.append(f"{what} found in {name}")
+    return hits
+
+
+def test_both_runs_succeed_through_airflow(demo: DemoRun) -> None:
+    for run in (demo.first, demo.second):
+        assert run["ok"]
+        assert [r["state"] for r in run["runs"]] == ["success"] * 3
+        assert [r["dag_id"] for r in run["runs"]] == ["nhs_sync", "mis_ingest", "school_feeds"]
+
+
+def test_consented_pupils_context_arrived_and_nobody_elses(demo: DemoRun) -> None:
+    observations = [r for r in _our_resources(demo.base) if r["resourceType"] == "Observation"]
+    by_patient: dict[str, set[str]] = {}
+    for o in observations:
+        by_patient.setdefault(o["subject"]["reference"], set()).add(o["code"]["coding"][0]["code"])
+    expected = {f"Patient/{c['patient_id']}" for c in demo.manifest["cases"] if c["expect_school_to_trust"]}
+    assert set(by_patient) == expected
+    assert expected, "the synthetic trust has consented pupils"
+    for items in by_patient.values():
+        assert items <= {"attendance_percent", "sen_provision", "exclusions_fixed_count", "year_group"}
+        assert "attendance_percent" in items
+
+
+def test_no_patient_was_written_and_second_run_adds_no_version(demo: DemoRun) -> None:
+    ours = _our_resources(demo.base)
+    assert not [r for r in ours if r["resourceType"] == "Patient"]
+    with FhirClient(demo.base) as client:
+        for r in ours:
+            assert client.history_count(r["resourceType"], r["id"]) == 1, r["id"]
+        for p in client.all_resources("Patient"):
+            assert client.history_count("Patient", p["id"]) == 1
+    s2 = demo.second["summaries"]["mis_ingest"]
+    assert s2.get("sent", 0) == 0
+    assert s2.get("unchanged_not_sent", 0) == len([r for r in ours if r["resourceType"] == "Observation"])
+
+
+def test_feeds_carry_exactly_the_consented_pupils(demo: DemoRun) -> None:
+    feeds = demo.home / "out" / "feeds"
+    rows: dict[str, dict[str, str]] = {}
+    for f in feeds.glob(f"*/{RUN_DATE}/feed.json"):
+        doc = json.loads(f.read_text())
+        manifest = json.loads((f.parent / "manifest.json").read_text())
+        assert manifest["rows"] == len(doc["rows"])
+        assert doc["link_contacts"] and doc["link_contacts"][0]["trust_link_worker_email"]
+        for row in doc["rows"]:
+            rows[row["upn"]] = row
+    expected = {c["upn"]: c for c in demo.manifest["cases"] if c["expect_trust_to_school"]}
+    assert set(rows) == set(expected)
+    status_of = {"received", "being_assessed", "accepted_waiting", "in_treatment", "not_accepted", "discharged",
+                 "moved_to_adult_services", "moved_area"}
+    for upn, row in rows.items():
+        assert row["status_code"] == expected[upn]["referral_status"]
+        assert row["status_code"] in status_of
+        assert row["contact_email"].endswith(".nhs.uk") or "@" in row["contact_email"]
+    assert len(list(feeds.glob(f"*/{RUN_DATE}/feed.csv"))) == int(SCHOOLS)
+
+
+def test_nothing_leaks_anywhere(demo: DemoRun) -> None:
+    m = demo.manifest
+    to_nhs: dict[str, str] = {}
+    to_school: dict[str, str] = {}
+    for mk in m["markers"]:
+        for form in renderings(mk["value"], mk["item"]):
+            if mk["where"] in ("nhs", "both"):
+                to_nhs[form] = mk["item"]
+            if mk["where"] in ("school", "both"):
+                to_school[form] = mk["item"]
+    # Pupil identities: never in any log or Airflow table, whatever their consent.
+    identities: dict[str, str] = dict.fromkeys(
+        {f for mk in m["markers"] for f in renderings(mk["value"], mk["item"])}, "marker")
+    for c in m["cases"]:
+        for item in ("upn", "nhs_number", "surname", "forename"):
+            for form in renderings(c[item], item):
+                identities[form] = item
+        identities[f"{c['surname'].upper()}^{c['forename'].upper()}"] = "name"
+        identities[c["dob"]] = "dob"
+
+    nhs_side = {f"{r['resourceType']}/{r['id']}": json.dumps(r) for r in _our_resources(demo.base)}
+    assert nhs_side
+    assert _find(nhs_side, to_nhs) == []
+
+    feed_files = _texts(sorted((demo.home / "out" / "feeds").rglob("*")))
+    assert feed_files
+    assert _find(feed_files, to_school) == []
+
+    logs = _texts(sorted((demo.home / "logs").rglob("*")) + sorted((demo.home / "airflow").rglob("*.log")))
+    logs["demo stdout/stderr"] = demo.outputs
+    airflow_db = {"airflow.db": (demo.home / "airflow" / "airflow.db").read_bytes().decode("latin-1")}
+    gx = _texts(sorted((demo.home / "work").rglob("gx/*")))
+    runs_summary = {"run summaries": json.dumps([demo.first, demo.second])}
+    for where in (logs, airflow_db, gx, runs_summary):
+        assert _find(where, identities) == []
