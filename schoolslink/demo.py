@@ -14,7 +14,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import date, datetime, time as dtime
+from datetime import date, datetime
+from datetime import time as dtime
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +148,7 @@ def summary_lines(r: DemoResult) -> list[str]:
         f"{s_in.get('refused_files', 0)} files refused; {s_in.get('quarantined', 0)} records quarantined",
         f"consent: {s_in.get('consent_records', 0)} register records; {s_in.get('with_consent', 0)} pupils with "
         f"an active consent (plain data kept only for them)",
-        f"pulled from the trust: " + ", ".join(f"{k.removeprefix('pulled_')} {v}" for k, v in sorted(s_nhs.items())
+        "pulled from the trust: " + ", ".join(f"{k.removeprefix('pulled_')} {v}" for k, v in sorted(s_nhs.items())
                                                if k.startswith("pulled_")),
         f"identity: {r.links} learners linked to a trust patient, {r.review_open} waiting in the review queue "
         f"(no guessed identity)",

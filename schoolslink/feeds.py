@@ -75,7 +75,7 @@ def feed_dir(urn: str, feed_date: date) -> Path:
 
 def build_school_feeds(run_id: str, urns: list[str], feed_date: date, at: datetime) -> FeedCounts:
     agreements = load_agreements()
-    totals = defaultdict(int)
+    totals: dict[str, int] = defaultdict(int)
     eng = store()
     for urn in urns:
         with eng.begin() as conn:
@@ -93,7 +93,7 @@ def build_school_feeds(run_id: str, urns: list[str], feed_date: date, at: dateti
     return FeedCounts(totals["schools"], totals["rows"], totals["refused"], totals["no_agreement"])
 
 
-def _by(conn: Connection, table: Any, col: str, values: list[str], trust: str | None = None) -> dict[str, list[dict[str, Any]]]:
+def _by(conn: Connection, table: Any, col: str, values: list[str]) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for i in range(0, len(values), 900):
         q = select(table).where(table.c[col].in_(values[i : i + 900]))
@@ -155,7 +155,9 @@ def _school_rows(
                 continue
             ref = max(candidates, key=lambda r: (r["received"] or date.min, r["referral_ref"]))
             st = derive(ref, eps.get(ref["referral_ref"], []), appts.get(ref["referral_ref"], []), feed_date)
-            ep_mgr = next((e["care_manager_ref"] for e in eps.get(ref["referral_ref"], []) if e["care_manager_ref"]), None)
+            ep_mgr = next(
+                (e["care_manager_ref"] for e in eps.get(ref["referral_ref"], []) if e["care_manager_ref"]), None
+            )
             role = roles.get(ep_mgr or ref["performer_ref"] or "")
             plain = pupil["plain"]
             full = {

@@ -16,7 +16,7 @@ from schoolslink.store.upsert import upsert
 def finish(run_id: str, dag_id: str, started: datetime, finished: datetime, summary: dict[str, Any]) -> dict[str, Any]:
     eng = store()
     with eng.begin() as conn:
-        reasons = Counter()
+        reasons: Counter[str] = Counter()
         for reason, n in conn.execute(
             select(quarantine.c.reason, func.count()).where(quarantine.c.run_id == run_id).group_by(quarantine.c.reason)
         ):

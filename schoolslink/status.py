@@ -1,45 +1,42 @@
 """A trust's referral, episode and appointments -> the status a school reads, in plain English.
 
-The mappings issue moves these tables into declarative code tables (`mappings/`); the feeds issue
-adds per-trust signposting ("where else to go").
+The labels are code tables in `mappings/code-tables/`; the feeds issue adds per-trust signposting
+("where else to go").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
 from typing import Any
 
+import yaml
+
+from schoolslink.errors import ConfigurationError
 from schoolslink.model import ReferralStatus
 
-PLAIN = {
-    ReferralStatus.RECEIVED: "Referral received",
-    ReferralStatus.BEING_ASSESSED: "Being assessed",
-    ReferralStatus.ACCEPTED_WAITING: "Accepted: waiting for first appointment",
-    ReferralStatus.IN_TREATMENT: "In treatment",
-    ReferralStatus.NOT_ACCEPTED: "Not accepted",
-    ReferralStatus.DISCHARGED: "Discharged",
-    ReferralStatus.MOVED_TO_ADULT_SERVICES: "Moved to adult services",
-    ReferralStatus.MOVED_AREA: "Moved to another area's service",
-}
+CODE_TABLES = Path(__file__).resolve().parents[1] / "mappings" / "code-tables"
 
-# MHSDS referral rejection reasons (reference/codes.md).
-REJECTION = {
-    "01": "Duplicate referral: the service already has a referral for this young person",
-    "02": "The service judged the referral not appropriate for it",
-    "03": "The referral was incomplete: the service needs more information",
-}
-# MHSDS referral closure reasons, grouped as NHS England dashboards group them.
-CLOSURE = {
-    "01": "Admitted or referred to another service",
-    "02": "Treatment complete",
-    "03": "Moved or requested discharge",
-    "04": "No further treatment appropriate",
-    "05": "Did not attend",
-    "07": "Moved or requested discharge",
-    "08": "Referred or signposted to another service",
-    "09": "Refused the service",
-}
+
+def _table(name: str, *, required: set[str] | None = None) -> dict[str, str]:
+    path = CODE_TABLES / f"{name}.yaml"
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(doc, dict) or set(doc) != {"table", "source", "unmapped", "codes"}:
+        raise ConfigurationError(f"{path}: a code table has exactly table, source, unmapped and codes")
+    if doc["unmapped"] not in {"error", "default"}:
+        raise ConfigurationError(f"{path}: unmapped must be 'error' or 'default'")
+    codes = {str(k): str(v) for k, v in doc["codes"].items()}
+    missing = (required or set()) - set(codes)
+    if missing:
+        raise ConfigurationError(f"{path}: no label for {', '.join(sorted(missing))}")
+    return codes
+
+
+_STATUS = _table("referral-status", required={s.value for s in ReferralStatus})
+PLAIN = {s: _STATUS[s.value] for s in ReferralStatus}
+REJECTION = _table("mhsds-referral-rejection-reason")
+CLOSURE = _table("mhsds-referral-closure-reason")
 
 WAITING = {ReferralStatus.RECEIVED, ReferralStatus.BEING_ASSESSED, ReferralStatus.ACCEPTED_WAITING}
 

@@ -20,13 +20,14 @@ files are replaced so a smaller run leaves no stale bundles.
 Determinism: everything comes from one `random.Random(seed)` (per-school streams are seeded from it) and
 `as_of`; no wall clock, no global random, no hash-order dependence. Same arguments, byte-identical files.
 
-Names: pronounceable syllable names built by an injective function of an index (onset-vowel-onset-vowel plus
-a consonant coda for forenames, plus an ending such as `ford` or `well` for surnames; surnames in upper case
-as the CTF example has them). A keyed bijection spreads the indices over the name space. Ordinary pupils get a
+Names: pronounceable syllable names built by an injective function of an index (forenames: onset, vowel,
+onset, vowel pair, coda, e.g. "Grodain"; surnames: onset, vowel, onset, vowel and an ending such as `ford` or
+`wood`, in upper case as the CTF example has them, e.g. "LIVUWOOD"). A keyed bijection (a Feistel network)
+spreads the indices over the name space. Ordinary pupils get a
 (surname, forename) pair that is unique across the trust by construction (surnames and forenames on their own
 are shared, as in life); each referred pupil gets a surname and a forename that no other person in the
-synthetic trust carries, except the deliberate partners: the other twin (same surname and DOB) and the
-`name_dob_duplicate` partner (same surname, forename and DOB).
+synthetic trust carries and that is no English word, except the deliberate partners: the other twin (same
+surname and DOB) and the `name_dob_duplicate` partner (same surname, forename and DOB).
 
 Case kinds (`CASE_KINDS`; at least two of each at the default size) and the expectations governance must
 reach (DESIGN.md "Governance rules"): a pupil is linked only when the Patient's NHS number is verified (01),
@@ -76,7 +77,7 @@ only `contact_phone` values hold a space and are matched as plain substrings):
 | parent_contact | `MK` + 10 consonants, the Surname of every referred pupil's first contact | both | that CTF |
 | upn | the UPN of every referred pupil (a UPN never goes to the NHS) | nhs | CTF, consent CSV |
 | surname, forename | the pupil's names, for every case with expect_school_to_trust false | nhs | CTF, the Patient |
-| nhs_number | for cases with a false direction: `both` when both are false, else the false side | varies | Patient, maybe CTF |
+| nhs_number | cases with a false direction: `both` if both are false, else that side | varies | Patient, maybe CTF |
 | referral_reason | `MK` + 10 consonants inside every ServiceRequest.reasonCode.text | school | the bundle |
 | appointment_note | `MK` + 10 consonants inside every Appointment.comment | school | the bundle |
 | contact_phone | every PractitionerRole's phone (`01632 960nnn`, Ofcom's drama range) | school | the bundle |
@@ -918,24 +919,24 @@ class _Trust:
         rng.shuffle(order)
         pools: dict[str, list[int]] = {"yp": [], "under16": [], "older": [], "any": list(order)}
         by_year: dict[int, list[int]] = {}
-        for i in order:
-            p = roll[i]
-            age = _age_on(p.dob, as_of)
+        for idx in order:
+            pupil = roll[idx]
+            age = _age_on(pupil.dob, as_of)
             if 16 <= age <= 17:
-                pools["yp"].append(i)
-            if _age_on(p.dob, horizon) < 16:
-                pools["under16"].append(i)
+                pools["yp"].append(idx)
+            if _age_on(pupil.dob, horizon) < 16:
+                pools["under16"].append(idx)
             if age >= 11:
-                pools["older"].append(i)
-            by_year.setdefault(p.year, []).append(i)
+                pools["older"].append(idx)
+            by_year.setdefault(pupil.year, []).append(idx)
         used: set[int] = set()
 
         def take(pool: list[int]) -> int | None:
             while pool:
-                i = pool.pop()
-                if i not in used:
-                    used.add(i)
-                    return i
+                j = pool.pop()
+                if j not in used:
+                    used.add(j)
+                    return j
             return None
 
         rank = {"young_person_consents": 0, "twins": 1, "name_dob_duplicate": 1, "do_not_tell_parent": 3}

@@ -98,7 +98,7 @@ class ValidationSummary:
 
     success: bool
     evaluated: int  # records (feature rows) validated
-    failed_expectations: list[str]  # critical failures, "expectation_type(column)"
+    failed_expectations: list[str]  # critical failures, "expectation_type(column)" ["raised an error"]
     bad_records: dict[int, list[str]]  # record -> reasons
     result_path: Path | None = None  # the sanitised GX result, when data_docs_dir was given
     warnings: list[str] = field(default_factory=list)  # warning failures, "expectation_type(column)"
@@ -201,23 +201,17 @@ def _sanitise_result(raw: ExpectationSuiteValidationResult) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     for item in raw.results:
         result = item.result or {}
-        kept: dict[str, Any] = {
-            k: convert_to_json_serializable(result[k]) for k in _KEPT_RESULT_ITEMS if k in result
-        }
+        kept: dict[str, Any] = {k: convert_to_json_serializable(result[k]) for k in _KEPT_RESULT_ITEMS if k in result}
         if "unexpected_index_list" in result:
             kept["unexpected_index_column_names"] = [_RECORD]
             kept["unexpected_index_list"] = _record_positions(result["unexpected_index_list"])
-        exception = item.exception_info or {}
         config = item.expectation_config
         results.append(
             {
                 "success": bool(item.success),
                 "expectation_config": config.to_json_dict() if config is not None else {},
                 "result": kept,
-                "exception_info": {
-                    "raised_exception": bool(exception.get("raised_exception")),
-                    "exception_message": exception.get("exception_message"),
-                },
+                "exception_info": _exception_summary(item.exception_info),
             }
         )
     return {
@@ -226,6 +220,20 @@ def _sanitise_result(raw: ExpectationSuiteValidationResult) -> dict[str, Any]:
         "statistics": convert_to_json_serializable(dict(raw.statistics)),
         "meta": {k: convert_to_json_serializable(meta[k]) for k in _KEPT_META_ITEMS if k in meta},
         "results": results,
+    }
+
+
+def _exception_summary(info: Any) -> dict[str, Any]:
+    """Whether the expectation raised, and the first message (no traceback).
+
+    GX gives either one flat dict or, when a metric failed, a dict of them keyed by metric id.
+    """
+    info = info or {}
+    found = [info] if "raised_exception" in info else [v for v in info.values() if isinstance(v, dict)]
+    raised = [e for e in found if e.get("raised_exception")]
+    return {
+        "raised_exception": bool(raised),
+        "exception_message": str(raised[0].get("exception_message")) if raised else None,
     }
 
 
@@ -255,6 +263,8 @@ def _summarise(result: dict[str, Any], *, evaluated: int) -> ValidationSummary:
             continue
         config = item["expectation_config"]
         label = f"{config.get('type')}({config.get('kwargs', {}).get('column', '')})"
+        if item["exception_info"]["raised_exception"]:
+            label += " raised an error"  # a malformed frame, not bad records: see exception_info
         critical = config.get("severity", "critical") == "critical"
         (failed if critical else warnings).append(label)
         reason = (config.get("meta") or {}).get("reason") or f"fails {label}"

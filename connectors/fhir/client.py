@@ -296,13 +296,9 @@ class FhirClient:
                 failure = f"{what}: {_response_summary(response)}"
                 retry_after = _retry_after_seconds(response)
             if attempt >= self.max_retries:
-                raise FhirTransientError(
-                    f"{failure}; gave up after {attempt + 1} attempt(s)", status=status
-                ) from None
+                raise FhirTransientError(f"{failure}; gave up after {attempt + 1} attempt(s)", status=status) from None
             delay = self._backoff(attempt, retry_after)
-            log.warning(
-                "%s; retrying in %.2fs (attempt %d of %d)", failure, delay, attempt + 2, self.max_retries + 1
-            )
+            log.warning("%s; retrying in %.2fs (attempt %d of %d)", failure, delay, attempt + 2, self.max_retries + 1)
             self._sleep(delay)
             attempt += 1
 
@@ -366,11 +362,7 @@ class FhirClient:
         )
         body = self._json(response, what)
         entries = body.get("entry")
-        if (
-            body.get("resourceType") != "Bundle"
-            or not isinstance(entries, list)
-            or len(entries) != len(chunk)
-        ):
+        if body.get("resourceType") != "Bundle" or not isinstance(entries, list) or len(entries) != len(chunk):
             got = len(entries) if isinstance(entries, list) else 0
             raise FhirPermanentError(
                 f"{what}: malformed batch-response ({got} entries for {len(chunk)} requests)",
@@ -395,11 +387,7 @@ class FhirClient:
         message: str | None = None
         if not ok:
             outcome = reply.get("outcome")
-            if (
-                outcome is None
-                and isinstance(echoed, dict)
-                and echoed.get("resourceType") == "OperationOutcome"
-            ):
+            if outcome is None and isinstance(echoed, dict) and echoed.get("resourceType") == "OperationOutcome":
                 outcome = echoed
             message = _outcome_summary(outcome) or f"HTTP {status}"
         return EntryResult(rtype, rid, status, ok, version_id, message)
@@ -515,11 +503,16 @@ class FhirClient:
             query_wm_time = wm_time
             new_count = 0
             prev_time: datetime | None = None
+            trailing_run = 0  # resources at the end of the page sharing its last lastUpdated
             for resource in page:
                 lu = _last_updated(resource)
                 lu_time = _parse_instant(lu)
-                if prev_time is not None and lu_time < prev_time:
-                    raise FhirPagingError(f"{what}: server did not sort by _lastUpdated; cannot page safely")
+                if prev_time is not None and lu_time <= prev_time:
+                    if lu_time < prev_time:
+                        raise FhirPagingError(f"{what}: server did not sort by _lastUpdated; cannot page safely")
+                    trailing_run += 1
+                else:
+                    trailing_run = 1
                 prev_time = lu_time
                 key = _version_key(resource)
                 if wm_time is not None and lu_time < wm_time:
@@ -556,10 +549,9 @@ class FhirClient:
                     )
                 offset += len(page)
             else:
-                at_new_wm = sum(1 for r in page if _parse_instant(_last_updated(r)) == wm_time)
-                if at_new_wm >= len(page):
+                if trailing_run >= len(page):
                     # The whole page is one run of ties at the new watermark: continue after it.
-                    offset = at_new_wm
+                    offset = trailing_run
                 else:
                     # Re-fetch from the new watermark's start: the few resources at exactly that
                     # instant already yielded are dropped via seen_at_wm, so nothing depends on the

@@ -209,8 +209,7 @@ class MedplumServer:
     def _fail(self, why: str) -> NoReturn:
         self.stop()
         raise MedplumServerError(
-            f"FHIR server ({SERVER_SCRIPT.relative_to(REPO_ROOT)}) {why}; log {self.log_path}:\n"
-            f"{_tail(self.log_path)}"
+            f"FHIR server ({SERVER_SCRIPT.relative_to(REPO_ROOT)}) {why}; log {self.log_path}:\n{_tail(self.log_path)}"
         )
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -35,6 +35,7 @@ Accepted CTF versions (major numbers) come from, in order: the `accepted_version
 
 from __future__ import annotations
 
+import codecs
 import datetime as dt
 import os
 import re
@@ -66,6 +67,7 @@ _PARSER_OPTIONS: Final[dict[str, Any]] = {
     "remove_blank_text": True,
 }
 _CHUNK = 1 << 20
+_UTF16_BOMS: Final = (b"\xff\xfe", b"\xfe\xff")
 _PRESCAN = 1 << 16
 
 _VERSION_RE = re.compile(r"(\d{1,3})(?:\.\d{1,3})?")
@@ -76,9 +78,7 @@ _SEN_CODES: Final = frozenset({"E", "K", "N", "S"})
 _FIXED_EXCLUSION: Final = frozenset({"FIXD", "SUSP"})
 _BOOL: Final = {"true": True, "1": True, "false": False, "0": False}
 
-_DTD_REASON: Final = (
-    "file declares a DTD or entities; CTF files never do — refused as a possible XML entity attack"
-)
+_DTD_REASON: Final = "file declares a DTD or entities; CTF files never do — refused as a possible XML entity attack"
 _ENTITY_USE_REASON: Final = (
     "file uses XML entities that CTF files never contain — refused as a possible XML entity attack"
 )
@@ -195,7 +195,7 @@ def _children(el: Any) -> dict[str, Any]:
 
 def _prescan(head: bytes) -> None:
     """Refuse a DTD before any parsing when it sits in the first bytes (where a prolog is)."""
-    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+    if head.startswith(_UTF16_BOMS):
         text = head.decode("utf-16", errors="ignore").encode("utf-8", errors="ignore")
     else:
         text = head
@@ -210,19 +210,92 @@ def _has_dtd(el: Any) -> bool:
     return bool(info.internalDTD is not None or info.externalDTD is not None or info.doctype)
 
 
-def _syntax_reason(err: etree.XMLSyntaxError, *, at_end: bool) -> str:
-    """A content-free reason for a parser error (libxml2's message can quote bytes and entity names)."""
-    line = f" (line {err.lineno})" if err.lineno else ""
+_ENTITY_SCAN_RE = re.compile(r"<!(?:DOCTYPE|ENTITY)|&([A-Za-z_][-\w.]*);")
+_PREDEFINED_ENTITIES: Final = frozenset({"lt", "gt", "amp", "apos", "quot"})
+_ROOT_CLOSE_RE = re.compile(r"</CTfile\s*>\s*\Z")
+_ERROR_NAMES: Final = {
+    getattr(etree.ErrorTypes, n): n for n in dir(etree.ErrorTypes) if n[:1].isupper() and n.isupper()
+}
+_ENTITY_ATTACK_ERRORS: Final = frozenset(
+    {
+        "ERR_ENTITY_LOOP",
+        "ERR_ENTITY_IS_EXTERNAL",
+        "ERR_ENTITY_IS_PARAMETER",
+        "ERR_ENTITY_PE_INTERNAL",
+        "ERR_EXT_ENTITY_STANDALONE",
+        "ERR_ENTITY_PROCESSING",
+        "ERR_ENTITYREF_IN_DTD",
+    }
+)
+
+
+def _decoder(f: IO[bytes]) -> codecs.IncrementalDecoder:
+    """For scanning a file for ASCII markup: UTF-16 if it has a BOM, else Latin-1 (keeps ASCII as is)."""
+    f.seek(0)
+    enc = "utf-16" if f.read(2) in _UTF16_BOMS else "latin-1"
+    f.seek(0)
+    return codecs.getincrementaldecoder(enc)(errors="replace")
+
+
+def _ends_with_root_close(f: IO[bytes]) -> bool:
+    """Whether the file's last markup is the CTfile end tag (so a parse error at the end is not truncation)."""
+    f.seek(0)
+    bom = f.read(2)
+    size = f.seek(0, os.SEEK_END)
+    start = max(0, size - 256)
+    start -= start % 2  # keep UTF-16 code units aligned (the BOM is at 0)
+    f.seek(start)
+    tail = f.read()
+    enc = {b"\xff\xfe": "utf-16-le", b"\xfe\xff": "utf-16-be"}.get(bom, "latin-1")
+    return _ROOT_CLOSE_RE.search(tail.decode(enc, errors="replace")) is not None
+
+
+def _entity_finding(f: IO[bytes]) -> tuple[str, int] | None:
+    """Scan the file (for a refusal's reason only): ("dtd", line) at the first DOCTYPE or ENTITY declaration,
+    ("undefined", line) at the first reference to an entity other than the five XML predefines, else None."""
+    decode = _decoder(f).decode
+    line, carry = 1, ""
+    while True:
+        chunk = f.read(_CHUNK)
+        text = carry + decode(chunk, final=not chunk)
+        for m in _ENTITY_SCAN_RE.finditer(text):
+            name = m.group(1)
+            if name is None or name not in _PREDEFINED_ENTITIES:
+                return ("undefined" if name else "dtd"), line + text.count("\n", 0, m.start())
+        if not chunk:
+            return None
+        cut = max(0, len(text) - 64)  # a reference may straddle chunks
+        line += text.count("\n", 0, cut)
+        carry = text[cut:]
+
+
+def _refusal(err: etree.XMLSyntaxError, f: IO[bytes], *, at_close: bool) -> CtfRefused:
+    """A content-free refusal for a parser error: libxml2's messages can quote bytes and entity names, and after
+    a recoverable error in a push parse its codes and lines can be misleading, so the file is looked at again."""
+    name = _ERROR_NAMES.get(err.code, "")
     msg = (err.msg or "").lower()
-    if at_end:
-        return f"file is truncated: it ends before the CTfile element is closed{line}"
-    if "entity" in msg or "amplification" in msg:
-        return _ENTITY_USE_REASON
-    if err.code == 5:  # XML_ERR_DOCUMENT_END
-        return f"file has content after the end of the CTfile element{line}"
-    if "encoding" in msg or "utf-8" in msg or "char" in msg:
-        return f"file has bytes that are not valid characters in its encoding{line}"
-    return f"file is not well-formed XML{line}"
+    line = f" (line {err.lineno})" if err.lineno else ""
+    if at_close and not _ends_with_root_close(f):
+        return CtfRefused(f"file is truncated: it ends before the CTfile element is closed{line}")
+    finding = _entity_finding(f)
+    if finding is not None and finding[0] == "dtd":
+        return CtfRefused(_DTD_REASON)
+    if finding is not None:
+        return CtfRefused(
+            f"file refers to an XML entity it does not define (line {finding[1]}); "
+            "CTF files use only &amp; &lt; &gt; &quot; &apos; and character references"
+        )
+    if name in _ENTITY_ATTACK_ERRORS or (name == "ERR_RESOURCE_LIMIT" and "amplification" in msg):
+        return CtfRefused(_ENTITY_USE_REASON)
+    if name == "ERR_RESOURCE_LIMIT":
+        return CtfRefused(f"file exceeds the XML parser's safety limits (a huge text or name){line}")
+    if name == "ERR_DOCUMENT_END":
+        return CtfRefused(f"file has content after the end of the CTfile element{line}")
+    if "ENCODING" in name or name == "ERR_INVALID_CHAR":
+        return CtfRefused(f"file has bytes that are not valid characters in its encoding{line}")
+    if name.startswith("NS_ERR"):
+        return CtfRefused(f"file uses an XML namespace prefix it does not declare{line}")
+    return CtfRefused(f"file is not well-formed XML{line}")
 
 
 def _sniff(f: IO[bytes]) -> None:
@@ -232,7 +305,7 @@ def _sniff(f: IO[bytes]) -> None:
         raise CtfRefused("file is empty")
     _prescan(head)
     body = head.lstrip(b"\xef\xbb\xbf \t\r\n")
-    if not body.startswith(b"<") and not head.startswith((b"\xff\xfe", b"\xfe\xff")):
+    if not body.startswith(b"<") and not head.startswith(_UTF16_BOMS):
         raise CtfRefused("file is not XML (it does not start with '<'); a CTF file is an XML export")
     parser = etree.XMLPullParser(events=("start",), **_PARSER_OPTIONS)
     chunk = head
@@ -250,7 +323,7 @@ def _sniff(f: IO[bytes]) -> None:
     except etree.XMLSyntaxError as err:
         if not chunk:
             raise CtfRefused("file is not XML: it ends before its first element") from None
-        raise CtfRefused(_syntax_reason(err, at_end=False)) from None
+        raise _refusal(err, f, at_close=False) from None
 
 
 def _check_root(root: Any) -> None:
@@ -306,8 +379,7 @@ _PUPIL_SLOTS: Final = {
     "FormerUPN": _FORMER,
 }
 _ADDRESS_LINE_INDEX: Final = {
-    t: i
-    for i, t in enumerate(("SAON", "PAON", "Street", "Locality", "Town", "AdministrativeArea", "PostTown"))
+    t: i for i, t in enumerate(("SAON", "PAON", "Street", "Locality", "Town", "AdministrativeArea", "PostTown"))
 }
 _ATTENDANCE_TAGS: Final = {
     "SessionsPossible": 0,
@@ -386,7 +458,7 @@ class _FileReader:
             try:
                 parser.feed(chunk)
             except etree.XMLSyntaxError as err:
-                raise CtfRefused(_syntax_reason(err, at_end=False)) from None
+                raise _refusal(err, f, at_close=False) from None
             for _event, el in parser.read_events():
                 item = element(el)
                 if pending:
@@ -397,7 +469,7 @@ class _FileReader:
         try:
             root = parser.close()
         except etree.XMLSyntaxError as err:
-            raise CtfRefused(_syntax_reason(err, at_end=True)) from None
+            raise _refusal(err, f, at_close=True) from None
         for _event, el in parser.read_events():  # pragma: no cover - close() raises or has nothing left
             item = element(el)
             yield from pending
@@ -452,9 +524,7 @@ class _FileReader:
         src = _children(c["SourceSchool"]) if "SourceSchool" in c else {}
         urn = _text(src.get("URN"))
         if not _URN_RE.fullmatch(urn):
-            raise CtfRefused(
-                "the Header's SourceSchool has no 6-digit URN: cannot tell which school sent the file"
-            )
+            raise CtfRefused("the Header's SourceSchool has no 6-digit URN: cannot tell which school sent the file")
         dest = _children(c["DestSchool"]) if "DestSchool" in c else {}
         stamp: dt.datetime | None = None
         raw_stamp = _text(c.get("DateTime"))
@@ -518,9 +588,7 @@ class _FileReader:
             if first is None:
                 self.seen[upn] = pos
             else:
-                problems.append(
-                    ("UPN", f"duplicate UPN in file: the same UPN as pupil #{first}, which is kept")
-                )
+                problems.append(("UPN", f"duplicate UPN in file: the same UPN as pupil #{first}, which is kept"))
 
         t = v[_SURNAME]
         surname = t.strip() if t else ""

@@ -259,24 +259,23 @@ function loadDefinitions() {
 
 function readBody(req) {
   return new Promise((resolve, reject) => {
-    const declared = Number.parseInt(req.headers['content-length'] ?? '0', 10);
-    if (declared > maxBodyBytes) {
-      reject(Object.assign(new Error('too large'), { status: 413 }));
-      req.resume();
-      return;
-    }
-    const chunks = [];
+    let chunks = [];
     let size = 0;
     req.on('data', (chunk) => {
       size += chunk.length;
       if (size > maxBodyBytes) {
-        reject(Object.assign(new Error('too large'), { status: 413 }));
-        req.destroy();
-        return;
+        chunks = null; // keep draining (and discarding) so a 413 can still be sent
+      } else {
+        chunks.push(chunk);
       }
-      chunks.push(chunk);
     });
-    req.on('end', () => resolve(Buffer.concat(chunks, size)));
+    req.on('end', () => {
+      if (chunks === null) {
+        reject(Object.assign(new Error('too large'), { status: 413 }));
+      } else {
+        resolve(Buffer.concat(chunks, size));
+      }
+    });
     req.on('error', reject);
   });
 }
@@ -306,9 +305,11 @@ function wantsMinimal(req) {
 }
 
 /** Adds the R4 batch-response fields Medplum leaves out (etag, lastModified); with
- *  `Prefer: return=minimal` drops the echoed resources as HAPI does. */
-function shapeBatchResponse(bundle, minimal) {
-  for (const entry of bundle.entry ?? []) {
+ *  `Prefer: return=minimal` drops the resources echoed for writes, as HAPI does. */
+function shapeBatchResponse(bundle, minimal, requestEntries) {
+  const responseEntries = bundle.entry ?? [];
+  for (let i = 0; i < responseEntries.length; i++) {
+    const entry = responseEntries[i];
     if (!entry) continue;
     const resource = entry.resource;
     if (resource && entry.response) {
@@ -319,7 +320,8 @@ function shapeBatchResponse(bundle, minimal) {
         entry.response.location = `${entry.response.location}/_history/${resource.meta.versionId}`;
       }
     }
-    if (minimal) {
+    const method = requestEntries?.[i]?.request?.method;
+    if (minimal && (method === 'PUT' || method === 'POST' || method === 'PATCH')) {
       delete entry.resource;
       if (entry.response && entry.response.status?.startsWith('2')) {
         delete entry.response.outcome; // the all-ok OperationOutcome Medplum puts on every entry
@@ -391,7 +393,11 @@ async function main() {
         try {
           buf = await readBody(req);
         } catch (err) {
-          send(res, err?.status ?? 400, outcome('too-costly', 'Request body too large'));
+          if (err?.status === 413) {
+            send(res, 413, outcome('too-costly', `Request body larger than ${maxBodyBytes} bytes`));
+          } else if (!res.destroyed) {
+            send(res, 400, outcome('incomplete', 'Could not read the request body'));
+          }
           return;
         }
         try {
@@ -423,7 +429,7 @@ async function main() {
       const headers = {};
       let out = resource;
       if (resource.resourceType === 'Bundle' && (resource.type === 'batch-response' || resource.type === 'transaction-response')) {
-        out = shapeBatchResponse(resource, minimal);
+        out = shapeBatchResponse(resource, minimal, Array.isArray(body?.entry) ? body.entry : undefined);
       } else if (resource.resourceType !== 'Bundle' && resource.id && status < 300) {
         const etag = versionEtag(resource);
         if (etag) headers.etag = etag;

@@ -159,7 +159,9 @@ def govern_map(run_id: str, part: dict[str, Any], run_date: date) -> dict[str, A
         outbound = _map_outbound(conn, run_id, roll, consents, agreements, run_date, counts)
     key = f"{part['run']}/chunk-{part['chunk']}/outbound.jsonl"
     workstore.write_jsonl(key, outbound)
-    carried = {k: part[k] for k in ("files", "refused_files", "read", "quarantined", "accepted") if k in part}
+    carried: dict[str, Any] = {
+        k: part[k] for k in ("files", "refused_files", "read", "quarantined", "accepted") if k in part
+    }
     return {"run": part["run"], "chunk": part["chunk"], "outbound_key": key, "outbound": len(outbound),
             **carried, **dict(counts)}
 
@@ -213,7 +215,7 @@ def _map_outbound(
                 continue
             records = consents.get(key, []) + trust_side.get(lk["patient_key"], [])
             facts = ConsentFacts(r["age_years"], r["competent"], r["looked_after"])
-            items, consent_id, why = allowed_items(agreement, records, facts, Direction.SCHOOL_TO_TRUST, run_date)
+            items, consent_id, _why = allowed_items(agreement, records, facts, Direction.SCHOOL_TO_TRUST, run_date)
             if not items or r["plain"] is None or consent_id is None:
                 counts["refused_by_consent"] += 1
                 continue

@@ -1,0 +1,119 @@
+"""Runs `schoolslink demo` at a size, sampling the whole process tree's memory, beside a same-run baseline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class TreeSampler(threading.Thread):
+    """Peak RSS of a process tree, split into the pipeline and the Node FHIR peer."""
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        self.peak_pipeline = 0
+        self.peak_peer = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            pipeline = peer = 0
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                break
+            for p in procs:
+                try:
+                    rss = p.memory_info().rss
+                    if p.name().startswith("node"):
+                        peer += rss
+                    else:
+                        pipeline += rss
+                except psutil.NoSuchProcess:
+                    continue
+            self.peak_pipeline = max(self.peak_pipeline, pipeline)
+            self.peak_peer = max(self.peak_peer, peer)
+            time.sleep(self.interval)
+
+
+def baseline_observations_per_second(n: int = 20000) -> float:
+    """Build and validate n Observations record by record with fhir.resources R4B (the obvious way)."""
+    from fhir.resources.R4B.observation import Observation
+
+    from schoolslink.mapping.school_context import observations
+
+    os.environ.setdefault("SCHOOLSLINK_KEY", "bench")
+    t0 = time.perf_counter()
+    made = 0
+    for i in range(n // 4):
+        for r in observations(learner_key=f"lrn-{i}", school_urn="900001", trust_ods="R9X",
+                              patient_ref=f"Patient/p{i}", values={"attendance_percent": 93.0, "sen_provision": "K",
+                                                                    "exclusions_fixed_count": 0, "year_group": "9"},
+                              allowed=frozenset({"attendance_percent", "sen_provision", "exclusions_fixed_count",
+                                                 "year_group"}), effective=date(2026, 11, 26)):
+            Observation.model_validate(r)
+            made += 1
+    return made / (time.perf_counter() - t0)
+
+
+def run_demo(schools: int, pupils: int, out: Path) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "schoolslink.cli", "demo", "--schools", str(schools), "--pupils", str(pupils),
+           "--out", str(out), "--date", "2026-11-26", "--json"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    sampler = TreeSampler(proc.pid)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - t0
+    sampler.stop.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"demo failed at {schools} schools / {pupils} pupils:\n{stderr[-3000:]}")
+    doc = json.loads(stdout.strip().splitlines()[-1])
+    s = doc["summaries"]
+    return {
+        "schools": schools, "pupils": pupils, "wall_s": round(wall, 1),
+        "peak_rss_pipeline_mb": round(sampler.peak_pipeline / 2**20),
+        "peak_rss_fhir_peer_mb": round(sampler.peak_peer / 2**20),
+        "resources_sent": s.get("mis_ingest", {}).get("sent", 0),
+        "feed_rows": s.get("school_feeds", {}).get("feed_rows", 0),
+        "pupils_read": s.get("mis_ingest", {}).get("read", 0),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="20x6000,500x250000", help="comma-separated SCHOOLSxPUPILS")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"baseline_r4b_observations_per_s": round(baseline_observations_per_second())}
+    report["runs"] = []
+    for size in args.sizes.split(","):
+        schools, pupils = (int(x) for x in size.split("x"))
+        r = run_demo(schools, pupils, out / f"home-{schools}x{pupils}")
+        r["pupils_per_s_end_to_end"] = round(pupils / r["wall_s"])
+        report["runs"].append(r)
+        print(json.dumps(r), flush=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
