@@ -18,10 +18,6 @@ from pathlib import Path
 from schoolslink.settings import home
 
 
-def _key_file() -> Path:
-    return home() / "secrets" / "pseudonym.key"
-
-
 @lru_cache(maxsize=4)
 def _load_key(env_value: str | None, path: str) -> bytes:
     if env_value:
@@ -36,7 +32,15 @@ def _load_key(env_value: str | None, path: str) -> bytes:
 
 
 def key() -> bytes:
-    return _load_key(os.environ.get("SCHOOLSLINK_KEY"), str(_key_file()))
+    env = os.environ.get("SCHOOLSLINK_KEY")
+    if env:
+        return _load_key(env, "")
+    return _key_for_home(os.environ.get("SCHOOLSLINK_HOME", ""))
+
+
+@lru_cache(maxsize=4)
+def _key_for_home(_home_env: str) -> bytes:
+    return _load_key(None, str(home() / "secrets" / "pseudonym.key"))
 
 
 def pseudonym(kind: str, value: str, length: int = 20) -> str:

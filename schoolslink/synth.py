@@ -23,11 +23,12 @@ Determinism: everything comes from one `random.Random(seed)` (per-school streams
 Names: pronounceable syllable names built by an injective function of an index (forenames: onset, vowel,
 onset, vowel pair, coda, e.g. "Grodain"; surnames: onset, vowel, onset, vowel and an ending such as `ford` or
 `wood`, in upper case as the CTF example has them, e.g. "LIVUWOOD"). A keyed bijection (a Feistel network)
-spreads the indices over the name space. Ordinary pupils get a
-(surname, forename) pair that is unique across the trust by construction (surnames and forenames on their own
-are shared, as in life); each referred pupil gets a surname and a forename that no other person in the
-synthetic trust carries and that is no English word, except the deliberate partners: the other twin (same
-surname and DOB) and the `name_dob_duplicate` partner (same surname, forename and DOB).
+spreads the indices over the name space. Ordinary pupils get a (surname, forename) pair that is unique across
+the trust by construction (surnames and forenames on their own are shared, as in life); each referred pupil
+gets a surname and a forename that no other person in the synthetic trust carries and that is no English
+word, except the deliberate partners: the other twin (same surname and DOB) and the `name_dob_duplicate`
+partner (same surname, forename and DOB). Each `cases` entry also carries `referral_status` (a
+ReferralStatus value) so a feed test knows what the school should read.
 
 Case kinds (`CASE_KINDS`; at least two of each at the default size) and the expectations governance must
 reach (DESIGN.md "Governance rules"): a pupil is linked only when the Patient's NHS number is verified (01),

@@ -45,7 +45,8 @@ def match_pending(conn: Connection, run_id: str, school_urns: Iterable[str] | No
             select(review_queue.c.trust_ods, review_queue.c.patient_ref).where(review_queue.c.status != "open")
         )
     }
-    pats = [p for p in pats if (p["trust_ods"], p["patient_ref"]) not in linked_refs | decided]
+    settled = linked_refs | decided
+    pats = [p for p in pats if (p["trust_ods"], p["patient_ref"]) not in settled]
     need_schools = sorted({p["school_urn"] for p in pats if p["school_urn"]})
 
     roll: dict[tuple[str, str], list[dict[str, object]]] = defaultdict(list)

@@ -1,4 +1,8 @@
-"""Dialect-aware bulk upsert (INSERT ... ON CONFLICT DO UPDATE) for SQLite and PostgreSQL."""
+"""Dialect-aware bulk upsert (INSERT ... ON CONFLICT DO UPDATE) for SQLite and PostgreSQL.
+
+One statement compiled once and executed over the rows (SQLAlchemy batches them with its
+"insertmanyvalues" mode), so cost stays linear in rows rather than in bound parameters.
+"""
 
 from __future__ import annotations
 
@@ -14,22 +18,18 @@ def upsert(
     table: Table,
     rows: Sequence[dict[str, Any]],
     keys: Sequence[str],
-    batch: int | None = None,
+    batch: int = 5000,
 ) -> int:
     if not rows:
         return 0
-    dialect = conn.dialect.name
-    ins_mod: Any = postgresql if dialect == "postgresql" else sqlite
+    ins_mod: Any = postgresql if conn.dialect.name == "postgresql" else sqlite
     cols = list(rows[0])
-    # SQLite allows 32,766 bound parameters a statement.
-    batch = batch or max(1, 30000 // max(1, len(cols)))
+    stmt = ins_mod.insert(table)
+    update_cols = {c: stmt.excluded[c] for c in cols if c not in keys}
+    if update_cols:
+        stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_=update_cols)
+    else:
+        stmt = stmt.on_conflict_do_nothing(index_elements=list(keys))
     for i in range(0, len(rows), batch):
-        part = rows[i : i + batch]
-        stmt = ins_mod.insert(table).values(part)
-        update_cols = {c: stmt.excluded[c] for c in cols if c not in keys}
-        if update_cols:
-            stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_=update_cols)
-        else:
-            stmt = stmt.on_conflict_do_nothing(index_elements=list(keys))
-        conn.execute(stmt)
+        conn.execute(stmt, list(rows[i : i + batch]))
     return len(rows)
