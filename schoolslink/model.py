@@ -7,7 +7,7 @@ work store as JSON lines. Nothing here does I/O.
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import date
 from typing import Any
 
@@ -113,7 +113,14 @@ class Learner:
     flags: LearnerFlags = field(default_factory=LearnerFlags)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """A JSON-ready dict (shallow: contacts and lists are shared, not copied); far cheaper than asdict."""
+        d = {name: getattr(self, name) for name in _LEARNER_FIELDS}
+        d["flags"] = {name: getattr(self.flags, name) for name in _FLAG_FIELDS}
+        return d
+
+
+_LEARNER_FIELDS = tuple(f.name for f in fields(Learner))
+_FLAG_FIELDS = tuple(f.name for f in fields(LearnerFlags))
 
 
 @dataclass(slots=True)

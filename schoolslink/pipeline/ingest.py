@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 from collections import defaultdict
-from dataclasses import asdict
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -105,7 +104,7 @@ def parse_validate(run_id: str, chunk: dict[str, Any], run_date: date) -> dict[s
             )
     good = [lr for i, lr in enumerate(accepted) if i not in bad]
     key = f"{chunk['run']}/chunk-{chunk['chunk']}/learners.jsonl"
-    workstore.write_jsonl(key, (asdict(lr) for lr in good))
+    workstore.write_jsonl(key, (lr.to_dict() for lr in good))
     return {"run": chunk["run"], "chunk": chunk["chunk"], "schools": chunk["schools"], "learners_key": key,
             "accepted": len(good), "gx_success": summary.success, **counts}
 
