@@ -416,7 +416,10 @@ async function main() {
         params: Object.create(null),
         query: Object.create(null),
         headers: req.headers,
-        config: {},
+        // transactions: treat `transaction` Bundles as transactions (all-or-error response, at most
+        // 50 updates) rather than as batches. The memory repository cannot roll back, though:
+        // entries applied before a failing one stay applied.
+        config: { transactions: true },
       };
       const [oo, resource] = await router.handleRequest(fhirReq, repo);
       const status = getStatus(oo);
