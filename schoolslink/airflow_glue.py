@@ -36,5 +36,7 @@ def started_at() -> datetime:
     from airflow.sdk import get_current_context
 
     ctx: Any = get_current_context()
-    start = ctx["dag_run"].start_date
-    return start if start is not None else datetime.now(UTC)
+    dr = ctx["dag_run"]
+    # dag.test() stamps start_date with the logical date; run_after is when the run became due.
+    known = [t for t in (dr.start_date, dr.run_after) if t is not None]
+    return max(known) if known else datetime.now(UTC)

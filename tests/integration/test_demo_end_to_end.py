@@ -66,6 +66,15 @@ def renderings(value: str, item: str) -> set[str]:
     return {f for f in forms if len(f) >= 4}
 
 
+RESOURCE_TYPES = ("Patient", "Organization", "PractitionerRole", "ServiceRequest", "EpisodeOfCare", "Appointment",
+                  "Consent", "Observation", "QuestionnaireResponse", "Communication", "DocumentReference")
+
+
+def _everything(base: str) -> list[dict[str, Any]]:
+    with FhirClient(base) as client:
+        return [r for rtype in RESOURCE_TYPES for r in client.all_resources(rtype)]
+
+
 def _our_resources(base: str) -> list[dict[str, Any]]:
     with FhirClient(base) as client:
         out = []
@@ -109,12 +118,13 @@ def test_consented_pupils_context_arrived_and_nobody_elses(demo: DemoRun) -> Non
 
 def test_no_patient_was_written_and_second_run_adds_no_version(demo: DemoRun) -> None:
     ours = _our_resources(demo.base)
-    assert not [r for r in ours if r["resourceType"] == "Patient"]
+    assert ours and not [r for r in ours if r["resourceType"] == "Patient"]
+    everything = _everything(demo.base)
+    seeded = sum(len(json.loads(p.read_text())["entry"]) for p in (demo.home / "seed" / "fhir").glob("bundle-*.json"))
+    assert len(everything) == seeded + len(ours)
     with FhirClient(demo.base) as client:
-        for r in ours:
-            assert client.history_count(r["resourceType"], r["id"]) == 1, r["id"]
-        for p in client.all_resources("Patient"):
-            assert client.history_count("Patient", p["id"]) == 1
+        for r in everything:  # the trust's own resources and ours: one version each after two runs
+            assert client.history_count(r["resourceType"], r["id"]) == 1, f"{r['resourceType']}/{r['id']}"
     s2 = demo.second["summaries"]["mis_ingest"]
     assert s2.get("sent", 0) == 0
     assert s2.get("unchanged_not_sent", 0) == len([r for r in ours if r["resourceType"] == "Observation"])
@@ -164,12 +174,19 @@ def test_nothing_leaks_anywhere(demo: DemoRun) -> None:
     nhs_side = {f"{r['resourceType']}/{r['id']}": json.dumps(r) for r in _our_resources(demo.base)}
     assert nhs_side
     assert _find(nhs_side, to_nhs) == []
+    # Values the trust never had (school-side markers, UPNs) are nowhere on its server at all.
+    seed_text = "".join(p.read_text() for p in (demo.home / "seed" / "fhir").glob("bundle-*.json"))
+    never_at_trust = {form: what for form, what in to_nhs.items() if form not in seed_text}
+    assert any(what == "upn" for what in never_at_trust.values())
+    whole_server = {f"{r['resourceType']}/{r['id']}": json.dumps(r) for r in _everything(demo.base)}
+    assert _find(whole_server, never_at_trust) == []
 
     feed_files = _texts(sorted((demo.home / "out" / "feeds").rglob("*")))
     assert feed_files
     assert _find(feed_files, to_school) == []
 
-    logs = _texts(sorted((demo.home / "logs").rglob("*")) + sorted((demo.home / "airflow").rglob("*.log")))
+    logs = _texts(sorted((demo.home / "logs").rglob("*")) + sorted((demo.home / "airflow").rglob("*.log"))
+                  + [demo.home.parent / "medplum.log"])
     logs["demo stdout/stderr"] = demo.outputs
     airflow_db = {"airflow.db": (demo.home / "airflow" / "airflow.db").read_bytes().decode("latin-1")}
     gx = _texts(sorted((demo.home / "work").rglob("gx/*")))

@@ -237,6 +237,18 @@ def test_unknown_and_comment_elements_are_ignored(tmp_path: Path) -> None:
     assert len(result.learners) == 1 and result.learners[0].leaving_date is None
 
 
+def test_nested_header_and_pupil_elements_are_not_records(tmp_path: Path) -> None:
+    extra = "<Notes><Header>x</Header><Pupil><UPN>A801200005001</UPN></Pupil></Notes>"
+    result = CtfReader().read(write(tmp_path, ctf(pupil(extra=extra), pupil(UPN2))))
+    assert [lr.upn for lr in result.learners] == [UPN1, UPN2]
+    assert result.quarantined == []
+
+
+def test_sex_wins_over_gender(tmp_path: Path) -> None:
+    text = ctf(pupil(sex="<Sex>F</Sex><Gender>M</Gender>"), head=header(version="24.0"))
+    assert [lr.sex for lr in CtfReader().read(write(tmp_path, text)).learners] == ["F"]
+
+
 def test_iter_learners_streams_header_then_items(tmp_path: Path) -> None:
     path = write(tmp_path, ctf(pupil(), pupil("A801200005001"), pupil(UPN2, nhs="9990000019")))
     items = list(CtfReader().iter_learners(path))
@@ -753,3 +765,20 @@ def test_every_truncation_is_refused(tmp_path: Path) -> None:
     assert wrong == []
     path.write_bytes(data[:end])
     assert len(reader.read(path).learners) == 1
+
+
+def test_read_restores_the_garbage_collector(tmp_path: Path) -> None:
+    import gc
+
+    assert gc.isenabled()
+    CtfReader().read(write(tmp_path, ctf(pupil())))
+    assert gc.isenabled()
+    with pytest.raises(CtfRefused):
+        CtfReader().read(write(tmp_path, ctf(pupil())[:-20]))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        CtfReader().read(write(tmp_path, ctf(pupil())))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

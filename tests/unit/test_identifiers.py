@@ -75,7 +75,7 @@ def test_normalise_nhs_number() -> None:
 
 def test_make_test_nhs_number_is_the_nth_valid_number_in_the_999_range() -> None:
     assert make_test_nhs_number(0) == "9990000018"  # 999000000 is skipped (check digit 10)
-    expected = []
+    expected: list[str] = []
     k = 999_000_000
     while len(expected) < 3000:
         check = nhs_number_check_digit(str(k))
