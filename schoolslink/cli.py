@@ -21,7 +21,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_date = date.fromisoformat(args.date) if args.date else date.today()
     r = demo.run(home=_home(args), schools=args.schools, pupils=args.pupils, seed=args.seed,
-                 run_date=run_date, fhir_base=args.fhir_base, fresh=not args.keep)
+                 run_date=run_date, fhir_base=args.fhir_base, fresh=not args.keep, bad_input=not args.clean_input)
     if args.json:
         print(json.dumps({"ok": r.ok, "seconds": round(r.seconds, 2), "home": str(r.home), "runs": r.runs,
                           "summaries": r.summaries}, default=str))
@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--date", help="the run's date, YYYY-MM-DD (default today)")
     d.add_argument("--fhir-base", help="use this running FHIR server instead of starting one")
     d.add_argument("--keep", action="store_true", help="keep the state of an earlier demo in --out")
+    d.add_argument("--clean-input", action="store_true",
+                   help="leave out the two deliberately bad school exports the demo adds")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_demo)
 

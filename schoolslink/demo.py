@@ -36,6 +36,47 @@ class DemoResult:
     review_open: int = 0
 
 
+_BAD_CTF_PUPIL = """    <Pupil><UPN>{upn}</UPN><Surname>{surname}</Surname><Forename>{forename}</Forename>
+      <DOB>{dob}</DOB><Sex>{sex}</Sex><BasicDetails><NCyearActual>8</NCyearActual><EnrolStatus>C</EnrolStatus>
+      </BasicDetails></Pupil>
+"""
+
+
+def plant_bad_input(home: Path, urn: int, run_date: date) -> None:
+    """Two exports a data manager must see handled: one with bad records, one that is an entity attack.
+
+    School `urn` sends a CTF whose pupils include a wrong UPN check letter, a duplicated UPN, an
+    impossible date of birth and an unknown sex code (each quarantined; the good pupil goes on);
+    school `urn + 1` sends a billion-laughs file (refused whole, moved aside).
+    """
+    from schoolslink.identifiers import make_upn
+
+    good, other = make_upn(999, 9001, 1), make_upn(999, 9001, 2)
+    bad_letter = ("A" if good[0] != "A" else "B") + good[1:]
+    pupils = [
+        (good, "DEMOVALID", "Pupil", "2013-05-01", "F"),
+        (bad_letter, "DEMOBADUPN", "Pupil", "2013-05-02", "M"),
+        (good, "DEMODUPLICATE", "Pupil", "2013-05-03", "M"),
+        (other, "DEMOBADDOB", "Pupil", "2013-02-30", "F"),
+        (make_upn(999, 9001, 3), "DEMOBADSEX", "Pupil", "2013-05-04", "Q"),
+    ]
+    body = "".join(_BAD_CTF_PUPIL.format(upn=u, surname=sn, forename=fn, dob=d, sex=x) for u, sn, fn, d, x in pupils)
+    ctf = (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<CTfile><Header><DocumentName>Common Transfer File"
+           f"</DocumentName><CTFversion>25.0</CTFversion><DateTime>{run_date.isoformat()}T01:00:00</DateTime>"
+           f"<DocumentQualifier>full</DocumentQualifier><SupplierID>DEMO</SupplierID><SourceSchool><LEA>999</LEA>"
+           f"<Estab>9001</Estab><URN>{urn}</URN><SchoolName>Demo bad-input school</SchoolName>"
+           f"<AcademicYear>{run_date.year}</AcademicYear></SourceSchool></Header>\n<CTFpupilData>\n{body}"
+           f"</CTFpupilData></CTfile>\n")
+    folder = home / "landing" / "mis" / str(urn)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"ctf-{urn}-{run_date.isoformat()}.xml").write_text(ctf, encoding="utf-8")
+    bomb = ('<?xml version="1.0"?>\n<!DOCTYPE CTfile [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;">'
+            '<!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;">]>\n<CTfile><Header>&c;</Header></CTfile>\n')
+    folder = home / "landing" / "mis" / str(urn + 1)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"ctf-{urn + 1}-{run_date.isoformat()}.xml").write_text(bomb, encoding="utf-8")
+
+
 def seed_trust(base: str, seed_dir: Path, trust_ods: str) -> int:
     """Load the synthetic trust's own FHIR data, unless the server already has it."""
     from connectors.fhir.client import FhirClient
@@ -57,7 +98,7 @@ def seed_trust(base: str, seed_dir: Path, trust_ods: str) -> int:
 
 def run(
     *, home: Path, schools: int, pupils: int, seed: int, run_date: date, fhir_base: str | None = None,
-    fresh: bool = True, log: Any = None,
+    fresh: bool = True, bad_input: bool = True,
 ) -> DemoResult:
     from connectors.fhir.server import MedplumServer, ensure_npm_packages
     from schoolslink.synth import synthesise
@@ -78,7 +119,9 @@ def run(
     logs.mkdir(exist_ok=True)
     manifest_path = home / "synth-manifest.json"
     if not (home / "landing").exists() or not manifest_path.exists():
-        synthesise(home, schools=schools, pupils=pupils, seed=seed, as_of=run_date)
+        synth = synthesise(home, schools=schools, pupils=pupils, seed=seed, as_of=run_date)
+        if bad_input:
+            plant_bad_input(home, int(max(synth.school_urns)) + 1, run_date)
     manifest = json.loads(manifest_path.read_text())
     trust = manifest.get("trust_ods", "R9X")
 
