@@ -86,6 +86,44 @@ def cmd_feeds_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mappings_lint(args: argparse.Namespace) -> int:
+    from schoolslink.errors import ConfigurationError
+    from schoolslink.mapping.engine import load_mappings
+
+    root = Path(args.path) if args.path else None
+    try:
+        ms = load_mappings(root)
+        for name in ms.mappings:
+            ms.compile(name)
+    except ConfigurationError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(f"{len(ms.mappings)} mappings, {len(ms.fragments)} fragments, {len(ms.tables)} code tables: ok")
+    for m in sorted(ms.mappings.values(), key=lambda m: m.name):
+        print(f"  {m.name:36s} {m.version}  {m.input} -> {m.output}")
+    return 0
+
+
+def cmd_mappings_test(args: argparse.Namespace) -> int:
+    from schoolslink.errors import ConfigurationError
+    from schoolslink.mapping.engine import MAPPINGS_DIR, load_mappings
+    from schoolslink.mapping.goldens import run_goldens
+
+    target = Path(args.path) if args.path else MAPPINGS_DIR
+    root = target if target.is_dir() else MAPPINGS_DIR
+    try:
+        results = run_goldens(load_mappings(root), None if target == root else target)
+    except ConfigurationError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    failed = [r for r in results if not r.ok]
+    for r in results:
+        mark = "ok  " if r.ok else "FAIL"
+        print(f"{mark} {r.mapping}: {r.name}" + (f"\n     {r.file}:{r.line}: {r.message}" if not r.ok else ""))
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="schoolslink", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -123,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     av = ausub.add_parser("verify", help="recompute the ledger's hash chain")
     av.add_argument("--json", action="store_true")
     av.set_defaults(func=cmd_audit_verify)
+
+    mp = sub.add_parser("mappings", help="declarative mappings")
+    msub = mp.add_subparsers(dest="mappings_command", required=True)
+    ml = msub.add_parser("lint", help="schema-check every mapping, fragment and code table (file:line: message)")
+    ml.add_argument("path", nargs="?")
+    ml.set_defaults(func=cmd_mappings_lint)
+    mt = msub.add_parser("test", help="run the golden tests beside each mapping")
+    mt.add_argument("path", nargs="?")
+    mt.set_defaults(func=cmd_mappings_test)
 
     f = sub.add_parser("feeds", help="school status feeds")
     fsub = f.add_subparsers(dest="feeds_command", required=True)

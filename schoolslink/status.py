@@ -8,35 +8,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date
-from pathlib import Path
 from typing import Any
 
-import yaml
-
 from schoolslink.errors import ConfigurationError
+from schoolslink.mapping.engine import MAPPINGS_DIR, CodeTable, _load_table
 from schoolslink.model import ReferralStatus
 
-CODE_TABLES = Path(__file__).resolve().parents[1] / "mappings" / "code-tables"
+
+def _tables() -> dict[str, CodeTable]:
+    root = MAPPINGS_DIR / "code-tables"
+    return {t.name: t for t in (_load_table(p) for p in sorted(root.glob("*.yaml")))}
 
 
-def _table(name: str, *, required: set[str] | None = None) -> dict[str, str]:
-    path = CODE_TABLES / f"{name}.yaml"
-    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(doc, dict) or set(doc) != {"table", "source", "unmapped", "codes"}:
-        raise ConfigurationError(f"{path}: a code table has exactly table, source, unmapped and codes")
-    if doc["unmapped"] not in {"error", "default"}:
-        raise ConfigurationError(f"{path}: unmapped must be 'error' or 'default'")
-    codes = {str(k): str(v) for k, v in doc["codes"].items()}
-    missing = (required or set()) - set(codes)
-    if missing:
-        raise ConfigurationError(f"{path}: no label for {', '.join(sorted(missing))}")
-    return codes
-
-
-_STATUS = _table("referral-status", required={s.value for s in ReferralStatus})
-PLAIN = {s: _STATUS[s.value] for s in ReferralStatus}
-REJECTION = _table("mhsds-referral-rejection-reason")
-CLOSURE = _table("mhsds-referral-closure-reason")
+_T = _tables()
+_missing = {s.value for s in ReferralStatus} - set(_T["referral-status"].codes)
+if _missing:
+    raise ConfigurationError(f"{_T['referral-status'].path}: no label for {', '.join(sorted(_missing))}")
+PLAIN = {s: str(_T["referral-status"].codes[s.value]) for s in ReferralStatus}
+REJECTION = _T["mhsds-referral-rejection-reason"]
+CLOSURE = _T["mhsds-referral-closure-reason"]
 
 WAITING = {ReferralStatus.RECEIVED, ReferralStatus.BEING_ASSESSED, ReferralStatus.ACCEPTED_WAITING}
 
@@ -80,8 +70,8 @@ def derive(referral: dict[str, Any], episodes: list[dict[str, Any]], appointment
         st, code = ReferralStatus.RECEIVED, None
     text = None
     if st is ReferralStatus.NOT_ACCEPTED and code:
-        text = REJECTION.get(code, f"Reason code {code}")
+        text = REJECTION.lookup(code)
     elif code:
-        text = CLOSURE.get(code, f"Reason code {code}")
+        text = CLOSURE.lookup(code)
     return SchoolStatus(st, code, text, first, nxt if st not in {ReferralStatus.NOT_ACCEPTED,
                                                                 ReferralStatus.DISCHARGED} else None)

@@ -1,0 +1,742 @@
+"""The mapping engine: load, check and compile declarative YAML mappings (`mappings/`), then run them.
+
+A mapping's template is a tree whose leaves are literals or expressions. Expressions are dicts whose
+keys start with `$` (so they never clash with FHIR element names):
+
+    {$path: "a.b[0].c"}            a value from the input record; `x[k=v]` picks the first item whose k is v
+    {$var: name}                   a value computed under `let:` or given by the caller (run context)
+    {$const: value}                a literal, even a dict or list
+    {$fn: name, $args: [...]}      a registered function (schoolslink/mapping/functions.py)
+    {$table: name, $of: expr}      a code table lookup (its `unmapped` policy applies)
+    {$fragment: name}              a named fragment's template, on the same record
+    {$each: path, $as: v, $do: n}  repeat n for each item of a list (the item is {$var: v})
+
+Any node may also carry `$when` (a condition: omit the node when false), `$default` (a literal when
+the value is missing) and `$item` (the canonical data item the node carries: it is dropped, at
+compile time, unless the agreement and consent allow that item). Conditions: `$exists`, `$eq`,
+`$ne`, `$in`, `$not`, `$all`, `$any`. A missing value, empty text, empty list or empty object is
+omitted, as FHIR requires.
+
+Loading refuses unknown keys, unknown functions, tables and fragments, and malformed paths with
+`file:line: message`, never later and never silently. A mapping compiles once per run (and per
+allowed-item set) to a Python function; running it over a batch costs a few microseconds a record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from schoolslink.errors import ConfigurationError, PermanentDataError
+from schoolslink.mapping import functions
+from schoolslink.mapping.yamlnodes import LDict, LList, MappingFileError, line_of
+from schoolslink.mapping.yamlnodes import load as load_yaml
+
+MAPPINGS_DIR = Path(__file__).resolve().parents[2] / "mappings"
+
+EXPR_KEYS = {"$path", "$var", "$const", "$fn", "$table", "$fragment", "$each"}
+MODIFIERS = {"$when", "$default", "$item"}
+ALLOWED_WITH = {
+    "$path": set(),
+    "$var": set(),
+    "$const": set(),
+    "$fn": {"$args"},
+    "$table": {"$of"},
+    "$fragment": set(),
+    "$each": {"$as", "$do"},
+}
+CONDITIONS = {"$exists", "$eq", "$ne", "$in", "$not", "$all", "$any"}
+MAPPING_KEYS = {"mapping", "description", "kind", "input", "output", "uses", "tables", "let", "template",
+                "columns", "check"}
+FRAGMENT_KEYS = {"fragment", "description", "template"}
+TABLE_KEYS = {"table", "description", "source", "target", "unmapped", "default", "codes"}
+KINDS = {"template", "columns"}
+CHECKS = {"fhir-r4", "none"}
+_NAME = re.compile(r"^[a-z][a-z0-9-]*$")
+
+
+class MappingError(PermanentDataError):
+    """A record the mapping could not map: carries the record's pseudonymous key, never its values."""
+
+    def __init__(self, mapping: str, record_key: str, reason: str) -> None:
+        super().__init__(f"mapping {mapping}: record {record_key}: {reason}")
+        self.mapping = mapping
+        self.record_key = record_key
+        self.reason = reason
+
+
+class UnmappedCode(MappingError):
+    """A code table whose policy is `quarantine` met a code it does not list."""
+
+
+@dataclass
+class CodeTable:
+    name: str
+    unmapped: str  # error | default | quarantine
+    default: Any
+    codes: dict[str, Any]
+    path: Path
+    digest: str
+
+    def lookup(self, code: Any) -> Any:
+        if code is None or code == "":
+            return None
+        key = str(code)
+        if key in self.codes:
+            return self.codes[key]
+        if self.unmapped == "default":
+            return self.default
+        raise _Unmapped(self.name, key, self.unmapped)
+
+
+class _Unmapped(Exception):
+    def __init__(self, table: str, code: str, policy: str) -> None:
+        super().__init__(f"code table {table} has no entry for the code given")
+        self.table, self.code, self.policy = table, code, policy
+
+
+@dataclass
+class Fragment:
+    name: str
+    template: Any
+    path: Path
+    digest: str
+
+
+@dataclass
+class Mapping:
+    name: str
+    kind: str
+    description: str
+    input: str
+    output: str
+    check: str
+    lets: list[tuple[str, Any]]
+    template: Any
+    path: Path
+    digest: str
+    uses: list[str] = field(default_factory=list)
+    version: str = ""
+    items: frozenset[str] = frozenset()
+    _compiled: dict[frozenset[str] | None, Callable[[Any, dict[str, Any]], tuple[dict[str, Any], list[str]]]] = (
+        field(default_factory=dict))
+
+
+@dataclass
+class MappingSet:
+    """Every mapping, fragment and code table under a folder, checked and ready to compile."""
+
+    root: Path
+    mappings: dict[str, Mapping]
+    fragments: dict[str, Fragment]
+    tables: dict[str, CodeTable]
+
+    def get(self, name: str) -> Mapping:
+        try:
+            return self.mappings[name]
+        except KeyError:
+            raise ConfigurationError(f"no mapping named {name!r} under {self.root}") from None
+
+    def compile(self, name: str, allowed: Iterable[str] | None = None) -> CompiledMapping:
+        m = self.get(name)
+        key = frozenset(allowed) if allowed is not None else None
+        fn = m._compiled.get(key)
+        if fn is None:
+            fn = _Compiler(self, m, key).compile()
+            m._compiled[key] = fn
+        return CompiledMapping(m, fn)
+
+
+@dataclass(frozen=True)
+class CompiledMapping:
+    mapping: Mapping
+    fn: Callable[[Any, dict[str, Any]], tuple[dict[str, Any], list[str]]]
+
+    @property
+    def version(self) -> str:
+        return self.mapping.version
+
+    def run(self, record: Any, context: dict[str, Any] | None = None, *, record_key: str = "?") -> dict[str, Any]:
+        return self.run_with_items(record, context, record_key=record_key)[0]
+
+    def run_with_items(self, record: Any, context: dict[str, Any] | None = None, *,
+                       record_key: str = "?") -> tuple[dict[str, Any], list[str]]:
+        ctx = {"mapping_version": self.mapping.version, **(context or {})}
+        try:
+            return self.fn(record, ctx)
+        except _Unmapped as exc:
+            cls = UnmappedCode if exc.policy == "quarantine" else MappingError
+            raise cls(self.mapping.name, record_key, str(exc)) from None
+        except (ValueError, TypeError, ArithmeticError) as exc:
+            reason = _safe_reason(exc)
+            raise MappingError(self.mapping.name, record_key, reason) from None
+
+
+def _safe_reason(exc: Exception) -> str:
+    """The kind of failure, never the offending value (it may be an identifier or a date of birth)."""
+    text = str(exc)
+    if "isoformat" in text or "day is out of range" in text or "month must be" in text:
+        return "a date is not a real date in the expected form"
+    if "invalid literal" in text or "could not convert" in text:
+        return "a number is not a number"
+    if "not enough values" in text or "too many values" in text:
+        return "a value is not in the expected form"
+    return type(exc).__name__ + (f": {text}" if len(text) < 80 and not any(c.isdigit() for c in text) else "")
+
+
+# Loading and checking ---------------------------------------------------------------------------------------
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _fail(path: Path, node: Any, message: str, key: str | None = None) -> MappingFileError:
+    return MappingFileError(path, line_of(node, key), message)
+
+
+def _check_keys(path: Path, node: Any, allowed: set[str], required: set[str], what: str) -> None:
+    if not isinstance(node, LDict):
+        raise _fail(path, node, f"{what} must be a mapping of keys")
+    for k in node:
+        if k not in allowed:
+            raise _fail(path, node, f"unknown key {k!r} in {what}; allowed: {', '.join(sorted(allowed))}", k)
+    for k in sorted(required - set(node)):
+        raise _fail(path, node, f"{what} needs {k!r}")
+
+
+def check_path(path: Path, node: Any, text: Any, key: str, variables: set[str] | None = None) -> None:
+    """A path walks the input record (`a.b[0].c`, `ext[url=...].v`) or, with `@`, a variable (`@item.code`)."""
+    if not isinstance(text, str) or not text:
+        raise _fail(path, node, f"{key} must be a path like a.b[0].c", key)
+    parts = _split_path(text)
+    if parts is None:
+        raise _fail(path, node, f"malformed path {text!r}", key)
+    if text.startswith("@") and variables is not None and parts[0][0] not in variables:
+        raise _fail(path, node, f"path {text!r} starts at an unknown variable {parts[0][0]!r}", key)
+
+
+def _split_path(text: str) -> list[tuple[str, list[tuple[str, Any]]]] | None:
+    """'a.b[0].ext[url=http://x.y].v' -> [(a, []), (b, [(idx, 0)]), (ext, [(eq, (url, http://x.y))]), (v, [])]."""
+    out: list[tuple[str, list[tuple[str, Any]]]] = []
+    if text.startswith("@"):
+        text = text[1:]
+    i, n = 0, len(text)
+    while i < n:
+        m = re.match(r"[A-Za-z_][A-Za-z0-9_]*", text[i:])
+        if not m:
+            return None
+        name = m.group(0)
+        i += len(name)
+        steps: list[tuple[str, Any]] = []
+        while i < n and text[i] == "[":
+            j = text.find("]", i)
+            if j < 0:
+                return None
+            inner = text[i + 1 : j]
+            if inner.isdigit():
+                steps.append(("idx", int(inner)))
+            elif "=" in inner:
+                k, v = inner.split("=", 1)
+                if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", k) or not v:
+                    return None
+                steps.append(("eq", (k, v)))
+            else:
+                return None
+            i = j + 1
+        out.append((name, steps))
+        if i < n:
+            if text[i] != ".":
+                return None
+            i += 1
+            if i == n:
+                return None
+    return out or None
+
+
+def _load_table(path: Path) -> CodeTable:
+    doc = load_yaml(path)
+    _check_keys(path, doc, TABLE_KEYS, {"table", "unmapped", "codes"}, "a code table")
+    if doc["unmapped"] not in {"error", "default", "quarantine"}:
+        raise _fail(path, doc, "unmapped must be error, default or quarantine", "unmapped")
+    if doc["unmapped"] == "default" and "default" not in doc:
+        raise _fail(path, doc, "unmapped: default needs a 'default' value", "unmapped")
+    if not isinstance(doc["codes"], LDict) or not doc["codes"]:
+        raise _fail(path, doc, "codes must map each code to its value", "codes")
+    return CodeTable(str(doc["table"]), str(doc["unmapped"]), doc.get("default"),
+                     {str(k): v for k, v in doc["codes"].items()}, path, _digest(path))
+
+
+def load_mappings(root: Path | None = None) -> MappingSet:
+    """Load and check every mapping, fragment and code table under `root` (default: mappings/)."""
+    root = root or MAPPINGS_DIR
+    tables: dict[str, CodeTable] = {}
+    fragments: dict[str, Fragment] = {}
+    mappings: dict[str, Mapping] = {}
+    files = sorted(p for p in root.rglob("*.yaml") if not p.name.endswith(".tests.yaml"))
+    for p in files:
+        doc = load_yaml(p)
+        if not isinstance(doc, LDict):
+            raise MappingFileError(p, 1, "a mapping file is a mapping of keys")
+        if "table" in doc:
+            t = _load_table(p)
+            if t.name in tables:
+                raise _fail(p, doc, f"code table {t.name!r} is also defined in {tables[t.name].path}", "table")
+            tables[t.name] = t
+        elif "fragment" in doc:
+            _check_keys(p, doc, FRAGMENT_KEYS, {"fragment", "template"}, "a fragment")
+            name = str(doc["fragment"])
+            if name in fragments:
+                raise _fail(p, doc, f"fragment {name!r} is also defined in {fragments[name].path}", "fragment")
+            fragments[name] = Fragment(name, doc["template"], p, _digest(p))
+        elif "mapping" in doc:
+            m = _load_mapping(p, doc)
+            if m.name in mappings:
+                raise _fail(p, doc, f"mapping {m.name!r} is also defined in {mappings[m.name].path}", "mapping")
+            mappings[m.name] = m
+        else:
+            raise MappingFileError(p, 1, "a file here must start with mapping:, fragment: or table:")
+    ms = MappingSet(root, mappings, fragments, tables)
+    for m in mappings.values():
+        used_fragments: set[str] = set()
+        used_tables: set[str] = set()
+        items: set[str] = set()
+        _Checker(ms, m.path, used_fragments, used_tables, items, set(dict(m.lets)) | {"mapping_version"}).node(
+            m.template)
+        for _name, expr in m.lets:
+            _Checker(ms, m.path, used_fragments, used_tables, items, set(dict(m.lets))).node(expr)
+        h = hashlib.sha256(m.digest.encode())
+        for f in sorted(used_fragments):
+            h.update(fragments[f].digest.encode())
+        for tname in sorted(used_tables):
+            h.update(tables[tname].digest.encode())
+        m.version = h.hexdigest()[:16]
+        m.items = frozenset(items)
+    return ms
+
+
+def _load_mapping(p: Path, doc: LDict) -> Mapping:
+    _check_keys(p, doc, MAPPING_KEYS, {"mapping", "kind", "input", "output"}, "a mapping")
+    name = str(doc["mapping"])
+    if not _NAME.match(name):
+        raise _fail(p, doc, "a mapping's name is lower-case words joined by hyphens", "mapping")
+    kind = str(doc["kind"])
+    if kind not in KINDS:
+        raise _fail(p, doc, f"kind must be one of {', '.join(sorted(KINDS))}", "kind")
+    check = str(doc.get("check", "none"))
+    if check not in CHECKS:
+        raise _fail(p, doc, f"check must be one of {', '.join(sorted(CHECKS))}", "check")
+    lets: list[tuple[str, Any]] = []
+    if "let" in doc:
+        if not isinstance(doc["let"], LDict):
+            raise _fail(p, doc, "let must map names to expressions", "let")
+        lets = list(doc["let"].items())
+    if kind == "template":
+        if "template" not in doc or "columns" in doc:
+            raise _fail(p, doc, "a template mapping has a template and no columns", "kind")
+        template = doc["template"]
+    else:
+        if "columns" not in doc or "template" in doc:
+            raise _fail(p, doc, "a columns mapping has columns and no template", "kind")
+        template = _columns_to_template(p, doc["columns"])
+    return Mapping(name, kind, str(doc.get("description", "")), str(doc["input"]), str(doc["output"]), check,
+                   lets, template, p, _digest(p), list(doc.get("uses") or []))
+
+
+def _columns_to_template(p: Path, columns: Any) -> LDict:
+    """`columns: {CSV column: target | {target, fn, table, required, default}}` -> an equivalent template."""
+    if not isinstance(columns, LDict) or not columns:
+        raise _fail(p, columns, "columns must map each CSV column to its target")
+    out = LDict()
+    out.line = columns.line
+    out.lines = {}
+    for col, spec in columns.items():
+        if isinstance(spec, str):
+            spec = LDict(target=spec)
+            spec.line = columns.lines[col]
+            spec.lines = {"target": spec.line}
+        _check_keys(p, spec, {"target", "fn", "table", "default", "required"}, {"target"}, f"column {col!r}")
+        expr: Any = LDict({"$path": col})
+        expr.line, expr.lines = spec.line, {"$path": spec.line}
+        if "fn" in spec:
+            fn = LDict({"$fn": spec["fn"], "$args": LList([expr])})
+            fn.line, fn.lines = spec.line, {"$fn": spec.lines["fn"], "$args": spec.line}
+            expr = fn
+        if "table" in spec:
+            tb = LDict({"$table": spec["table"], "$of": expr})
+            tb.line, tb.lines = spec.line, {"$table": spec.lines["table"], "$of": spec.line}
+            expr = tb
+        if spec.get("required"):
+            rq = LDict({"$fn": "required", "$args": LList([expr, col])})
+            rq.line, rq.lines = spec.line, {"$fn": spec.line, "$args": spec.line}
+            expr = rq
+        if "default" in spec:
+            expr["$default"] = spec["default"]
+            expr.lines["$default"] = spec.lines["default"]
+        target = str(spec["target"])
+        if not re.fullmatch(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*", target):
+            raise _fail(p, spec, f"target {target!r} must be a dotted canonical name", "target")
+        node = out
+        parts = target.split(".")
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = LDict()
+                nxt.line, nxt.lines = spec.line, {}
+                node[part] = nxt
+                node.lines[part] = spec.line
+            node = nxt
+        if parts[-1] in node:
+            raise _fail(p, spec, f"target {target!r} is filled by two columns", "target")
+        node[parts[-1]] = expr
+        node.lines[parts[-1]] = spec.line
+    return out
+
+
+@functions.register("required", 2)
+def _required(value: Any, column: Any) -> Any:
+    """The value, or an error naming the column when it is missing."""
+    if value is None or value == "":
+        raise ValueError(f"required column {column} is empty")
+    return value
+
+
+class _Checker:
+    def __init__(self, ms: MappingSet, path: Path, fragments: set[str], tables: set[str], items: set[str],
+                 vars_: set[str], seen: tuple[str, ...] = ()) -> None:
+        self.ms, self.path, self.fragments, self.tables, self.items = ms, path, fragments, tables, items
+        self.vars = vars_
+        self.seen = seen
+
+    def node(self, n: Any) -> None:
+        if isinstance(n, LList):
+            for x in n:
+                self.node(x)
+            return
+        if not isinstance(n, LDict):
+            return
+        dollar = [k for k in n if k.startswith("$")]
+        exprs = [k for k in dollar if k in EXPR_KEYS]
+        for k in dollar:
+            if k not in EXPR_KEYS | MODIFIERS | {"$args", "$of", "$as", "$do"}:
+                raise _fail(self.path, n, f"unknown expression key {k!r}", k)
+        if len(exprs) > 1:
+            raise _fail(self.path, n, f"one expression a node: {', '.join(exprs)} together", exprs[1])
+        if "$when" in n:
+            self.cond(n["$when"], n)
+        if "$item" in n:
+            if not isinstance(n["$item"], str) or not n["$item"]:
+                raise _fail(self.path, n, "$item names one canonical data item", "$item")
+            self.items.add(n["$item"])
+        if not exprs:
+            owners = {"$args": "$fn", "$of": "$table", "$as": "$each", "$do": "$each"}
+            for k, owner in owners.items():
+                if k in n:
+                    raise _fail(self.path, n, f"{k} belongs with {owner}", k)
+            for k, v in n.items():
+                if not k.startswith("$"):
+                    self.node(v)
+            return
+        e = exprs[0]
+        extra = {k for k in dollar if k not in MODIFIERS and k != e}
+        bad = extra - ALLOWED_WITH[e]
+        if bad:
+            raise _fail(self.path, n, f"{', '.join(sorted(bad))} cannot go with {e}", sorted(bad)[0])
+        plain = [k for k in n if not k.startswith("$")]
+        if plain:
+            raise _fail(self.path, n, f"an expression node cannot also hold elements ({plain[0]})", plain[0])
+        v = n[e]
+        if e == "$path":
+            check_path(self.path, n, v, e, self.vars)
+        elif e == "$var":
+            if v not in self.vars:
+                raise _fail(self.path, n, f"unknown variable {v!r}; known: {', '.join(sorted(self.vars))}", e)
+        elif e == "$fn":
+            f = functions.REGISTRY.get(str(v))
+            if f is None:
+                raise _fail(self.path, n, f"unknown function {v!r}; see `schoolslink mappings functions`", e)
+            args = n.get("$args", LList())
+            if not isinstance(args, list):
+                raise _fail(self.path, n, "$args must be a list", "$args")
+            if not f.min_args <= len(args) <= f.max_args:
+                raise _fail(self.path, n, f"{v} takes {f.min_args}-{f.max_args} arguments, given {len(args)}", e)
+            for a in args:
+                self.node(a)
+        elif e == "$table":
+            if v not in self.ms.tables:
+                raise _fail(self.path, n, f"unknown code table {v!r}", e)
+            if "$of" not in n:
+                raise _fail(self.path, n, "$table needs $of: the code to look up", e)
+            self.tables.add(str(v))
+            self.node(n["$of"])
+        elif e == "$fragment":
+            frag = self.ms.fragments.get(str(v))
+            if frag is None:
+                raise _fail(self.path, n, f"unknown fragment {v!r}", e)
+            if str(v) in self.seen:
+                raise _fail(self.path, n, f"fragment {v!r} includes itself", e)
+            self.fragments.add(str(v))
+            _Checker(self.ms, frag.path, self.fragments, self.tables, self.items, self.vars,
+                     (*self.seen, str(v))).node(frag.template)
+        elif e == "$each":
+            check_path(self.path, n, v, e, self.vars)
+            if "$as" not in n or "$do" not in n:
+                raise _fail(self.path, n, "$each needs $as (a name) and $do (the node to repeat)", e)
+            _Checker(self.ms, self.path, self.fragments, self.tables, self.items, self.vars | {str(n["$as"])},
+                     self.seen).node(n["$do"])
+
+    def cond(self, c: Any, parent: Any) -> None:
+        if not isinstance(c, LDict) or len(c) != 1 or next(iter(c)) not in CONDITIONS:
+            raise _fail(self.path, parent, f"$when takes one of {', '.join(sorted(CONDITIONS))}", "$when")
+        op, arg = next(iter(c.items()))
+        if op == "$exists":
+            if isinstance(arg, str):
+                check_path(self.path, c, arg, op, self.vars)
+            else:
+                self.node(arg)
+        elif op in {"$eq", "$ne"}:
+            if not isinstance(arg, list) or len(arg) != 2:
+                raise _fail(self.path, c, f"{op} takes two values", op)
+            for a in arg:
+                self.node(a)
+        elif op == "$in":
+            if not isinstance(arg, list) or len(arg) != 2 or not isinstance(arg[1], list):
+                raise _fail(self.path, c, "$in takes a value and a list", op)
+            self.node(arg[0])
+        elif op == "$not":
+            self.cond(arg, c)
+        else:
+            if not isinstance(arg, list) or not arg:
+                raise _fail(self.path, c, f"{op} takes a list of conditions", op)
+            for a in arg:
+                self.cond(a, c)
+
+
+# Compiling ---------------------------------------------------------------------------------------------------
+
+_EMPTY: tuple[Any, ...] = (None, "", [], {})
+
+
+def _constant(n: Any) -> bool:
+    if isinstance(n, dict):
+        return all(not k.startswith("$") and _constant(v) for k, v in n.items())
+    if isinstance(n, list):
+        return all(_constant(x) for x in n)
+    return True
+
+
+class ConstDict(dict[str, Any]):
+    """A constant part of a mapping's output, shared by every record: read-only by convention.
+
+    Checkers may remember their verdict on one (by identity), since it never changes.
+    """
+
+    __slots__ = ()
+
+
+class ConstList(list[Any]):
+    __slots__ = ()
+
+
+def _plain(n: Any) -> Any:
+    if isinstance(n, dict):
+        return ConstDict({k: _plain(v) for k, v in n.items() if v not in _EMPTY})
+    if isinstance(n, list):
+        return ConstList(_plain(x) for x in n if x not in _EMPTY)
+    return n
+
+
+def _fold_var(n: Any, name: str, value: Any) -> Any:
+    if isinstance(n, LDict):
+        if n.get("$var") == name and not any(k in n for k in MODIFIERS):
+            return value
+        out = LDict({k: _fold_var(v, name, value) for k, v in n.items()})
+        out.line, out.lines = n.line, n.lines
+        return out
+    if isinstance(n, LList):
+        out_l = LList(_fold_var(x, name, value) for x in n)
+        out_l.line = n.line
+        return out_l
+    return n
+
+
+class _Compiler:
+    """Turns a checked template into Python source, once; the function runs with no interpretation."""
+
+    def __init__(self, ms: MappingSet, m: Mapping, allowed: frozenset[str] | None) -> None:
+        self.ms, self.m, self.allowed = ms, m, allowed
+        self.lines: list[str] = []
+        self.consts: dict[str, Any] = {}
+        self.n = 0
+
+    def tmp(self) -> str:
+        self.n += 1
+        return f"t{self.n}"
+
+    def const(self, value: Any) -> str:
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            return repr(value)
+        name = f"C{len(self.consts)}"
+        self.consts[name] = value
+        return name
+
+    def emit(self, indent: int, line: str) -> None:
+        self.lines.append("    " * indent + line)
+
+    def compile(self) -> Callable[[Any, dict[str, Any]], tuple[dict[str, Any], list[str]]]:
+        # The mapping's own version is known now: fold it in, so parts that use it become constants.
+        self.m.template = _fold_var(self.m.template, "mapping_version", self.m.version)
+        self.emit(1, "items = []")
+        self.emit(1, "V = dict(ctx)")
+        for name, expr in self.m.lets:
+            v = self.value(expr, 1, "src")
+            self.emit(1, f"V[{name!r}] = {v}")
+        out = self.value(self.m.template, 1, "src")
+        self.emit(1, f"return ({out} if {out} is not None else {{}}), items")
+        src = "def mapped(src, ctx):\n" + "\n".join(self.lines) + "\n"
+        ns: dict[str, Any] = {"FN": {k: f.fn for k, f in functions.REGISTRY.items()},
+                              "TB": {k: t.lookup for k, t in self.ms.tables.items()},
+                              "EMPTY": _EMPTY, **self.consts}
+        code = compile(src, f"<mapping {self.m.name}>", "exec")
+        exec(code, ns)  # noqa: S102 - source generated from a checked template, never from input data
+        fn: Callable[[Any, dict[str, Any]], tuple[dict[str, Any], list[str]]] = ns["mapped"]
+        return fn
+
+    # Each method emits statements and returns the name of a local holding the value (None = omitted).
+
+    def value(self, n: Any, ind: int, src: str) -> str:
+        if isinstance(n, LDict) and "$item" in n and self.allowed is not None and n["$item"] not in self.allowed:
+            return "None"  # dropped before the mapping runs: the agreement or consent does not allow it
+        if isinstance(n, (LDict, LList)) and _constant(n):
+            # A subtree with no expressions is built once and shared by every output (outputs are read-only).
+            return self.const(_plain(n))
+        modifiers = isinstance(n, LDict) and any(k in n for k in MODIFIERS)
+        if not modifiers:
+            return self.bare(n, ind, src)
+        t = self.tmp()
+        if "$when" in n:
+            c = self.cond(n["$when"], ind, src)
+            self.emit(ind, f"{t} = None")
+            self.emit(ind, f"if {c}:")
+            inner = self.bare(n, ind + 1, src)
+            self.emit(ind + 1, f"{t} = {inner}")
+        else:
+            inner = self.bare(n, ind, src)
+            self.emit(ind, f"{t} = {inner}")
+        if "$default" in n:
+            self.emit(ind, f"if {t} is None or {t} == '': {t} = {self.const(n['$default'])}")
+        if "$item" in n:
+            self.emit(ind, f"if {t} is not None: items.append({n['$item']!r})")
+        return t
+
+    @staticmethod
+    def _sure(n: Any) -> bool:
+        """A literal that is never empty: it can be placed without a check."""
+        if isinstance(n, (LDict, LList)):
+            return _constant(n) and bool(_plain(n))
+        return n is not None and n != ""
+
+    def bare(self, n: Any, ind: int, src: str) -> str:
+        if isinstance(n, LList):
+            t = self.tmp()
+            self.emit(ind, f"{t} = []")
+            for x in n:
+                v = self.value(x, ind, src)
+                if isinstance(x, LDict) and "$each" in x:
+                    self.emit(ind, f"if {v}: {t}.extend({v})")
+                elif self._sure(x):
+                    self.emit(ind, f"{t}.append({v})")
+                else:
+                    self.emit(ind, f"if {v} not in EMPTY: {t}.append({v})")
+            return f"({t} or None)"
+        if not isinstance(n, LDict):
+            return self.const(n)
+        if "$path" in n:
+            return self.path(n["$path"], ind, src)
+        if "$var" in n:
+            return f"V.get({n['$var']!r})"
+        if "$const" in n:
+            return self.const(n["$const"])
+        if "$fn" in n:
+            args = [self.value(a, ind, src) for a in n.get("$args", [])]
+            t = self.tmp()
+            self.emit(ind, f"{t} = FN[{n['$fn']!r}]({', '.join(args)})")
+            return t
+        if "$table" in n:
+            v = self.value(n["$of"], ind, src)
+            return f"TB[{n['$table']!r}]({v})"
+        if "$fragment" in n:
+            frag = _fold_var(self.ms.fragments[n["$fragment"]].template, "mapping_version", self.m.version)
+            return self.value(frag, ind, src)
+        if "$each" in n:
+            seq = self.path(n["$each"], ind, src)
+            t, it = self.tmp(), self.tmp()
+            self.emit(ind, f"{t} = []")
+            self.emit(ind, f"for {it} in ({seq} or ()):")
+            self.emit(ind + 1, f"V[{n['$as']!r}] = {it}")
+            v = self.value(n["$do"], ind + 1, src)
+            self.emit(ind + 1, f"if {v} not in EMPTY: {t}.append({v})")
+            return f"({t} or None)"
+        t = self.tmp()
+        sure = [k for k, v in n.items() if not k.startswith("$") and self._sure(v)]
+        self.emit(ind, f"{t} = {{" + ", ".join(f"{k!r}: {self.value(n[k], ind, src)}" for k in sure) + "}")
+        for k, v in n.items():
+            if k.startswith("$") or k in sure:
+                continue
+            val = self.value(v, ind, src)
+            self.emit(ind, f"if {val} not in EMPTY: {t}[{k!r}] = {val}")
+        return f"({t} or None)"
+
+    def path(self, text: str, ind: int, src: str) -> str:
+        parts = _split_path(text)
+        assert parts is not None  # checked at load
+        t = self.tmp()
+        head, rest = parts[0], parts[1:]
+        if text.startswith("@"):  # a variable bound by let:, $each or the caller
+            self.emit(ind, f"{t} = V.get({head[0]!r})")
+        else:
+            self.emit(ind, f"{t} = {src}.get({head[0]!r}) if isinstance({src}, dict) else None")
+        for kind, arg in head[1]:
+            self._step(t, kind, arg, ind)
+        for name, steps in rest:
+            self.emit(ind, f"{t} = {t}.get({name!r}) if isinstance({t}, dict) else None")
+            for kind, arg in steps:
+                self._step(t, kind, arg, ind)
+        return t
+
+    def _step(self, t: str, kind: str, arg: Any, ind: int) -> None:
+        if kind == "idx":
+            self.emit(ind, f"{t} = {t}[{arg}] if isinstance({t}, list) and len({t}) > {arg} else None")
+        else:
+            k, v = arg
+            keys = k.split(".")
+            getter = "x"
+            for kk in keys:
+                getter = f"({getter}.get({kk!r}) if isinstance({getter}, dict) else None)"
+            self.emit(ind, f"{t} = next((x for x in {t} if {getter} == {v!r}), None) "
+                           f"if isinstance({t}, list) else None")
+
+    def cond(self, c: Any, ind: int, src: str) -> str:
+        op, arg = next(iter(c.items()))
+        t = self.tmp()
+        if op == "$exists":
+            v = self.path(arg, ind, src) if isinstance(arg, str) else self.value(arg, ind, src)
+            self.emit(ind, f"{t} = {v} not in EMPTY")
+        elif op in {"$eq", "$ne"}:
+            a, b = (self.value(x, ind, src) for x in arg)
+            self.emit(ind, f"{t} = {a} {'==' if op == '$eq' else '!='} {b}")
+        elif op == "$in":
+            a = self.value(arg[0], ind, src)
+            self.emit(ind, f"{t} = {a} in {self.const(tuple(arg[1]))}")
+        elif op == "$not":
+            inner = self.cond(arg, ind, src)
+            self.emit(ind, f"{t} = not {inner}")
+        else:
+            parts = [self.cond(x, ind, src) for x in arg]
+            joiner = " and " if op == "$all" else " or "
+            self.emit(ind, f"{t} = " + joiner.join(parts))
+        return t
