@@ -146,6 +146,7 @@ class Consent:
     status: ConsentStatus = ConsentStatus.ACTIVE
     withdrawn_on: date | None = None
     data_items: tuple[str, ...] | None = None  # None: every item the agreement allows
+    school_urn: str | None = None  # the school the consent is about sharing with (None: any school)
 
 
 @dataclass(slots=True)

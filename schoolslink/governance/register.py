@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, delete, select
 
 from schoolslink.model import Consent, ConsentDecision, ConsentGiver, Direction
 from schoolslink.store.schema import consents
@@ -25,6 +25,7 @@ def save(conn: Connection, records: Iterable[Consent], source: str, run_id: str,
             "directions": ";".join(d.value for d in c.directions),
             "purposes": ";".join(c.purposes),
             "data_items": ";".join(c.data_items) if c.data_items is not None else None,
+            "school_urn": c.school_urn,
             "valid_from": c.valid_from,
             "valid_to": c.valid_to,
             "withdrawn_on": c.withdrawn_on,
@@ -34,6 +35,20 @@ def save(conn: Connection, records: Iterable[Consent], source: str, run_id: str,
         for c in records
     ]
     return upsert(conn, consents, rows, ["consent_id"])
+
+
+def for_school(records: list[Consent], school_urn: str) -> list[Consent]:
+    """The records that speak about sharing with this school (a consent naming another school does not)."""
+    return [c for c in records if c.school_urn is None or c.school_urn == school_urn]
+
+
+def forget(conn: Connection, consent_ids: Iterable[str]) -> int:
+    """Remove records the source has retracted (e.g. a trust Consent later marked entered-in-error)."""
+    ids = sorted(set(consent_ids))
+    n = 0
+    for i in range(0, len(ids), 900):
+        n += conn.execute(delete(consents).where(consents.c.consent_id.in_(ids[i : i + 900]))).rowcount or 0
+    return n
 
 
 def load_for(conn: Connection, subject_keys: Iterable[str]) -> dict[str, list[Consent]]:
@@ -54,6 +69,7 @@ def load_for(conn: Connection, subject_keys: Iterable[str]) -> dict[str, list[Co
                     valid_to=r["valid_to"],
                     withdrawn_on=r["withdrawn_on"],
                     data_items=tuple(r["data_items"].split(";")) if r["data_items"] is not None else None,
+                    school_urn=r["school_urn"],
                 )
             )
     return out

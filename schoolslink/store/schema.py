@@ -54,7 +54,7 @@ learners = Table(
     Column("competent", Boolean, nullable=False, default=False),  # Gillick, as the school recorded
     Column("left_school", Boolean, nullable=False, default=False),
     Column("age_years", Integer),
-    Column("plain", JSON),  # canonical learner, only while a consent is active
+    Column("plain", JSON(none_as_null=True)),  # canonical learner, only while a consent is active
     Column("updated_run", String(250), nullable=False),
     Index("ix_learners_school_match", "school_urn", "match_hash"),
 )
@@ -70,6 +70,7 @@ consents = Table(
     Column("directions", String(100), nullable=False),
     Column("purposes", String(200), nullable=False),
     Column("data_items", Text),
+    Column("school_urn", String(10)),  # the school the consent names; None: the school that holds it
     Column("valid_from", Date, nullable=False),
     Column("valid_to", Date),
     Column("withdrawn_on", Date),
@@ -218,9 +219,9 @@ quarantine = Table(
     Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
     Column("run_id", String(250), nullable=False, index=True),
     Column("source", String(300), nullable=False),  # storage key of the input
-    Column("record", String(40)),  # 'pupil#17': a position, never an identifier
-    Column("field", String(60)),
-    Column("reason", String(500), nullable=False),
+    Column("record", String(200)),  # 'pupil#17' or 'ServiceRequest/<id>': a position or reference, never data
+    Column("field", String(200)),
+    Column("reason", Text, nullable=False),
 )
 
 feed_rows = Table(
@@ -231,4 +232,7 @@ feed_rows = Table(
     Column("trust_ods", String(10), primary_key=True),
     Column("content_hash", String(64), nullable=False),
     Column("feed_date", Date, nullable=False),
+    # the row as the school last had it before feed_date, so a same-night re-run marks changes the same way
+    Column("prev_hash", String(64)),
+    Column("prev_date", Date),
 )

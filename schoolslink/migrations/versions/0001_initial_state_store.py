@@ -28,6 +28,7 @@ def upgrade() -> None:
     sa.Column('directions', sa.String(length=100), nullable=False),
     sa.Column('purposes', sa.String(length=200), nullable=False),
     sa.Column('data_items', sa.Text(), nullable=True),
+    sa.Column('school_urn', sa.String(length=10), nullable=True),
     sa.Column('valid_from', sa.Date(), nullable=False),
     sa.Column('valid_to', sa.Date(), nullable=True),
     sa.Column('withdrawn_on', sa.Date(), nullable=True),
@@ -44,6 +45,8 @@ def upgrade() -> None:
     sa.Column('trust_ods', sa.String(length=10), nullable=False),
     sa.Column('content_hash', sa.String(length=64), nullable=False),
     sa.Column('feed_date', sa.Date(), nullable=False),
+    sa.Column('prev_hash', sa.String(length=64), nullable=True),
+    sa.Column('prev_date', sa.Date(), nullable=True),
     sa.PrimaryKeyConstraint('school_urn', 'learner_key', 'trust_ods', name=op.f('pk_feed_rows'))
     )
     op.create_table('learners',
@@ -57,7 +60,7 @@ def upgrade() -> None:
     sa.Column('competent', sa.Boolean(), nullable=False),
     sa.Column('left_school', sa.Boolean(), nullable=False),
     sa.Column('age_years', sa.Integer(), nullable=True),
-    sa.Column('plain', sa.JSON(), nullable=True),
+    sa.Column('plain', sa.JSON(none_as_null=True), nullable=True),
     sa.Column('updated_run', sa.String(length=250), nullable=False),
     sa.PrimaryKeyConstraint('learner_key', name=op.f('pk_learners'))
     )
@@ -128,9 +131,9 @@ def upgrade() -> None:
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
     sa.Column('run_id', sa.String(length=250), nullable=False),
     sa.Column('source', sa.String(length=300), nullable=False),
-    sa.Column('record', sa.String(length=40), nullable=True),
-    sa.Column('field', sa.String(length=60), nullable=True),
-    sa.Column('reason', sa.String(length=500), nullable=False),
+    sa.Column('record', sa.String(length=200), nullable=True),
+    sa.Column('field', sa.String(length=200), nullable=True),
+    sa.Column('reason', sa.Text(), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_quarantine'))
     )
     with op.batch_alter_table('quarantine', schema=None) as batch_op:
