@@ -27,6 +27,7 @@ from schoolslink import ledger
 from schoolslink.governance import register
 from schoolslink.governance.agreement import Agreement, agreement_for, load_agreements
 from schoolslink.governance.consent import ConsentFacts, decide
+from schoolslink.governance.matching import SENSITIVE_FLAGS
 from schoolslink.model import Direction, Disclosure
 from schoolslink.pipeline.common import store
 from schoolslink.settings import feeds_dir
@@ -35,6 +36,7 @@ from schoolslink.store.schema import (
     feed_rows,
     learners,
     links,
+    patients,
     trust_appointments,
     trust_episodes,
     trust_practitioners,
@@ -78,14 +80,14 @@ def build_school_feeds(run_id: str, urns: list[str], feed_date: date, at: dateti
     totals: dict[str, int] = defaultdict(int)
     eng = store()
     for urn in urns:
+        # The feed is written aside, the ledger and feed state commit, and only then is the feed put in
+        # place: a feed a school can read always has its ledger rows.
         with eng.begin() as conn:
-            rows, disclosures, refused, no_agreement = _school_rows(conn, run_id, urn, feed_date, agreements)
-            _write_feed(urn, feed_date, rows, agreements, run_id)
+            rows, disclosures, refused, no_agreement, state = _school_rows(conn, run_id, urn, feed_date, agreements)
+            staged = _stage_feed(urn, feed_date, rows, agreements, run_id)
             ledger.append(conn, disclosures, at)
-            upsert(conn, feed_rows, [
-                {"school_urn": urn, "learner_key": r.pop("_learner_key"), "trust_ods": r["trust_ods"],
-                 "content_hash": r.pop("_hash"), "feed_date": feed_date} for r in rows
-            ], ["school_urn", "learner_key", "trust_ods"])
+            upsert(conn, feed_rows, state, ["school_urn", "learner_key", "trust_ods"])
+        _publish(staged, feed_dir(urn, feed_date))
         totals["schools"] += 1
         totals["rows"] += len(rows)
         totals["refused"] += refused
@@ -104,31 +106,42 @@ def _by(conn: Connection, table: Any, col: str, values: list[str]) -> dict[str, 
 
 def _school_rows(
     conn: Connection, run_id: str, urn: str, feed_date: date, agreements: list[Agreement]
-) -> tuple[list[dict[str, Any]], list[Disclosure], int, int]:
+) -> tuple[list[dict[str, Any]], list[Disclosure], int, int, list[dict[str, Any]]]:
     pupils = {
         r["learner_key"]: dict(r)
         for r in conn.execute(
             select(learners).where(learners.c.school_urn == urn, learners.c.plain.is_not(None),
                                    learners.c.left_school.is_(False))
         ).mappings()
+        if not any(r[f] for f in SENSITIVE_FLAGS)
     }
     lks = _by(conn, links, "learner_key", list(pupils))
-    lks = {k: [x for x in v if not x["withdrawn"]] for k, v in lks.items()}
+    q = select(patients.c.trust_ods, patients.c.patient_ref).where(patients.c.restricted.is_(True))
+    restricted = {(r.trust_ods, r.patient_ref) for r in conn.execute(q)}
+    lks = {
+        k: [x for x in v if not x["withdrawn"] and (x["trust_ods"], x["patient_ref"]) not in restricted]
+        for k, v in lks.items()
+    }
     patient_refs = sorted({x["patient_ref"] for v in lks.values() for x in v})
     refs = _by(conn, trust_referrals, "patient_ref", patient_refs)
+    refs = {k: [r for r in v if r["fhir_status"] != "entered-in-error"] for k, v in refs.items()}
     referral_refs = sorted({r["referral_ref"] for v in refs.values() for r in v})
     eps = _by(conn, trust_episodes, "referral_ref", referral_refs)
     appts = _by(conn, trust_appointments, "referral_ref", referral_refs)
     role_refs = sorted({r["performer_ref"] for v in refs.values() for r in v if r["performer_ref"]}
                        | {e["care_manager_ref"] for v in eps.values() for e in v if e["care_manager_ref"]})
     roles = {k: v[0] for k, v in _by(conn, trust_practitioners, "role_ref", role_refs).items()}
-    previous = {
-        (r.learner_key, r.trust_ods): r.content_hash
-        for r in conn.execute(select(feed_rows).where(feed_rows.c.school_urn == urn))
-    }
+    # What the school had before tonight: a re-run of tonight's feed compares with the same thing.
+    previous: dict[tuple[str, str], tuple[str | None, date | None]] = {}
+    for r in conn.execute(select(feed_rows).where(feed_rows.c.school_urn == urn)):
+        if r.feed_date < feed_date:
+            previous[(r.learner_key, r.trust_ods)] = (r.content_hash, r.feed_date)
+        else:
+            previous[(r.learner_key, r.trust_ods)] = (r.prev_hash, r.prev_date)
     consents = register.load_for(conn, list(pupils) + [x["patient_key"] for v in lks.values() for x in v])
 
     rows: list[dict[str, Any]] = []
+    state: list[dict[str, Any]] = []
     disclosures: list[Disclosure] = []
     refused = no_agreement = 0
     for key, pupil in sorted(pupils.items()):
@@ -137,12 +150,12 @@ def _school_rows(
             candidates = [r for r in refs.get(lk["patient_ref"], []) if r["trust_ods"] == trust]
             if not candidates:
                 continue
-            agreement = agreement_for(agreements, urn, trust, feed_date)
+            agreement = agreement_for(agreements, urn, trust, feed_date, PURPOSE)
             if agreement is None:
                 no_agreement += 1
                 continue
             facts = ConsentFacts(pupil["age_years"], pupil["competent"], pupil["looked_after"])
-            recs = consents.get(key, []) + consents.get(lk["patient_key"], [])
+            recs = register.for_school(consents.get(key, []) + consents.get(lk["patient_key"], []), urn)
             allowed: set[str] = set()
             consent_id = None
             for item in sorted(agreement.allowed(Direction.TRUST_TO_SCHOOL)):
@@ -177,23 +190,24 @@ def _school_rows(
                 for c in cols:
                     row[c] = full[c] if item in allowed else ""
             h = hashlib.sha256(json.dumps(row, sort_keys=True).encode()).hexdigest()
-            prev = previous.get((key, trust))
-            row["changed"] = "new" if prev is None else ("changed" if prev != h else "")
-            sent_items = tuple(sorted(i for i in allowed if any(row[c] for c in ITEM_COLUMNS[i])))
+            prev_hash, prev_date = previous.get((key, trust), (None, None))
+            row["changed"] = "new" if prev_hash is None else ("changed" if prev_hash != h else "")
+            # Every allowed item counts: even an empty column tells the school the referral exists.
             disclosures.append(Disclosure(
                 run_id=run_id, dag_id="school_feeds", direction=Direction.TRUST_TO_SCHOOL,
-                recipient=f"URN:{urn}", subject_key=key, data_items=sent_items or ("referral_status",),
+                recipient=f"URN:{urn}", subject_key=key, data_items=tuple(sorted(allowed)),
                 agreement_id=agreement.id, agreement_version=agreement.version, consent_id=consent_id,
                 mapping_version=f"feed-v{FEED_VERSION}", content_hash=h,
             ))
-            row["_learner_key"] = key
-            row["_hash"] = h
+            state.append({"school_urn": urn, "learner_key": key, "trust_ods": trust, "content_hash": h,
+                          "feed_date": feed_date, "prev_hash": prev_hash, "prev_date": prev_date})
             rows.append(row)
-    return rows, disclosures, refused, no_agreement
+    return rows, disclosures, refused, no_agreement, state
 
 
-def _write_feed(urn: str, feed_date: date, rows: list[dict[str, Any]], agreements: list[Agreement],
+def _stage_feed(urn: str, feed_date: date, rows: list[dict[str, Any]], agreements: list[Agreement],
                 run_id: str) -> Path:
+    """Write the feed's files into a hidden folder beside where it will be published."""
     final = feed_dir(urn, feed_date)
     tmp = final.with_name(f".{final.name}.tmp")
     if tmp.exists():
@@ -208,7 +222,7 @@ def _write_feed(urn: str, feed_date: date, rows: list[dict[str, Any]], agreement
     trusts = sorted({r["trust_ods"] for r in rows})
     contacts = []
     for a in agreements:
-        if a.covers_school(urn) and a.active_on(feed_date):
+        if a.covers_school(urn) and a.active_on(feed_date) and PURPOSE in a.purposes:
             sc = a.school_contact(urn)
             for t in a.trusts:
                 contacts.append({"agreement": a.id, "agreement_version": a.version, "trust_ods": t.ods,
@@ -229,6 +243,11 @@ def _write_feed(urn: str, feed_date: date, rows: list[dict[str, Any]], agreement
         },
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return tmp
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Swap the staged folder into place: a school sees the whole old feed or the whole new one."""
     if final.exists():
         old = final.with_name(f".{final.name}.old")
         if old.exists():
@@ -238,4 +257,3 @@ def _write_feed(urn: str, feed_date: date, rows: list[dict[str, Any]], agreement
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
-    return final

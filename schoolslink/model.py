@@ -57,6 +57,8 @@ class ReviewReason(enum.StrEnum):
     NO_SCHOOL_NAMED = "the trust's record names no school"
     SENSITIVE_CASE = "looked-after, adopted, child-protection or do-not-tell-parent case: needs a person"
     RESTRICTED = "restricted record (PDS R): never disclosed"
+    ALREADY_LINKED = "the pupil is already linked to another patient of this trust: a person must decide"
+    BECAME_SENSITIVE = "the link was suspended: the case became sensitive or restricted after it was made"
 
 
 @dataclass(slots=True)

@@ -61,3 +61,22 @@ def write_json(key: str, doc: Any) -> None:
 
 def read_json(key: str) -> Any:
     return json.loads(path_for(key).read_text(encoding="utf-8"))
+
+
+def remove(key: str) -> None:
+    """Delete a work file (pupil data lives in the work store only for the run that needs it)."""
+    path_for(key).unlink(missing_ok=True)
+
+
+def purge_pupil_files(keep_run: str | None = None) -> int:
+    """Remove the pupil-data files (*.jsonl) that earlier runs left behind, e.g. when a run failed."""
+    root = work_dir()
+    if not root.exists():
+        return 0
+    n = 0
+    for p in root.glob("*/chunk-*/*.jsonl"):
+        if keep_run is not None and p.parts[-3] == keep_run:
+            continue
+        p.unlink(missing_ok=True)
+        n += 1
+    return n

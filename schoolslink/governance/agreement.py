@@ -209,12 +209,15 @@ def load_agreements(folder: Path | None = None) -> list[Agreement]:
 
 
 def agreement_for(
-    agreements: list[Agreement], school_urn: str, trust_ods: str, day: date
+    agreements: list[Agreement], school_urn: str, trust_ods: str, day: date, purpose: str
 ) -> Agreement | None:
-    """The active agreement between this school and this trust on `day` (the newest version wins)."""
+    """The active agreement between this school and this trust on `day` for `purpose` (newest version wins).
+
+    An agreement made for another purpose never lends its items to this one.
+    """
     found = [
         a for a in agreements
-        if a.active_on(day) and a.covers_school(school_urn) and a.covers_trust(trust_ods)
+        if a.active_on(day) and purpose in a.purposes and a.covers_school(school_urn) and a.covers_trust(trust_ods)
     ]
     if not found:
         return None

@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, delete, select
+from sqlalchemy import Connection, delete, or_, select, update
 
 from schoolslink.model import MatchMethod, ReviewReason
 from schoolslink.store.schema import learners, links, patients, review_queue
@@ -26,8 +26,39 @@ class MatchCounts:
     review: int
 
 
+SENSITIVE_FLAGS = ("looked_after", "adopted", "child_protection", "do_not_tell_parent")
+
+
+def suspend_sensitive(conn: Connection, run_id: str) -> int:
+    """Suspend every live link whose pupil has become a sensitive case or whose patient became restricted.
+
+    A link is checked when it is made and again every run: a child who becomes looked after, or a
+    record the trust marks restricted, stops being disclosed from the next run, and waits for a person.
+    """
+    q = (
+        select(links.c.learner_key, links.c.trust_ods, links.c.patient_ref, links.c.patient_key,
+               learners.c.school_urn)
+        .join(learners, learners.c.learner_key == links.c.learner_key)
+        .join(patients, (patients.c.trust_ods == links.c.trust_ods) & (patients.c.patient_ref == links.c.patient_ref))
+        .where(links.c.withdrawn.is_(False))
+        .where(or_(patients.c.restricted.is_(True), *(learners.c[f].is_(True) for f in SENSITIVE_FLAGS)))
+    )
+    hits = list(conn.execute(q).mappings())
+    for h in hits:
+        conn.execute(update(links).where(links.c.learner_key == h["learner_key"], links.c.trust_ods == h["trust_ods"])
+                     .values(withdrawn=True))
+    upsert(conn, review_queue, [
+        {"trust_ods": h["trust_ods"], "patient_ref": h["patient_ref"], "patient_key": h["patient_key"],
+         "school_urn": h["school_urn"], "candidate_learner_key": h["learner_key"],
+         "reason": ReviewReason.BECAME_SENSITIVE.value, "status": "open", "updated_run": run_id}
+        for h in hits
+    ], ["trust_ods", "patient_ref"])
+    return len(hits)
+
+
 def match_pending(conn: Connection, run_id: str, school_urns: Iterable[str] | None = None) -> MatchCounts:
     """Match the trust patients (of these schools, or all) that have no link and no review decision."""
+    suspend_sensitive(conn, run_id)
     q = select(patients)
     urns = sorted(set(school_urns)) if school_urns is not None else None
     if urns is not None:
@@ -39,6 +70,7 @@ def match_pending(conn: Connection, run_id: str, school_urns: Iterable[str] | No
     linked_refs = {
         (r.trust_ods, r.patient_ref) for r in conn.execute(select(links.c.trust_ods, links.c.patient_ref))
     }
+    taken = {(r.learner_key, r.trust_ods) for r in conn.execute(select(links.c.learner_key, links.c.trust_ods))}
     decided = {
         (r.trust_ods, r.patient_ref)
         for r in conn.execute(
@@ -79,9 +111,12 @@ def match_pending(conn: Connection, run_id: str, school_urns: Iterable[str] | No
                 reason = ReviewReason.SEVERAL_CANDIDATES
             else:
                 candidate = cands[0]
-                if any(candidate[f] for f in ("looked_after", "adopted", "child_protection", "do_not_tell_parent")):
+                if any(candidate[f] for f in SENSITIVE_FLAGS):
                     reason = ReviewReason.SENSITIVE_CASE
+                elif (candidate["learner_key"], p["trust_ods"]) in taken:
+                    reason = ReviewReason.ALREADY_LINKED
         if reason is None and candidate is not None:
+            taken.add((candidate["learner_key"], p["trust_ods"]))
             new_links.append({
                 "learner_key": candidate["learner_key"], "trust_ods": p["trust_ods"],
                 "patient_key": p["patient_key"], "patient_ref": p["patient_ref"],
@@ -95,8 +130,9 @@ def match_pending(conn: Connection, run_id: str, school_urns: Iterable[str] | No
                 "candidate_learner_key": candidate["learner_key"] if candidate else None,
                 "reason": (reason or ReviewReason.NO_CANDIDATE).value, "status": "open", "updated_run": run_id,
             })
-    # A learner already linked to another patient of the same trust is not linked twice.
-    upsert(conn, links, new_links, ["learner_key", "trust_ods"])
+    # A link is never overwritten here: a learner already linked (or once linked and withdrawn) to a
+    # patient of this trust is not re-pointed by a later match; that case waits for a person.
+    upsert(conn, links, new_links, ["learner_key", "trust_ods"], update=False)
     # A patient that waited for its pupil's roll and now links leaves the review queue.
     for lk in new_links:
         conn.execute(delete(review_queue).where(review_queue.c.trust_ods == lk["trust_ods"],

@@ -1,9 +1,11 @@
 """Delivery to a trust's FHIR server through the outbox, with consent checked again just before sending.
 
-Order for each destination: re-read agreements and consent (a withdrawal recorded since extraction
-stops the record), drop what the trust already has (outbox hash), PUT the rest by id in `batch`
-Bundles, then record outbox status and one ledger row per resource that landed, in one transaction.
-An entry the server refuses is quarantined with its reason; its bundle-mates land.
+Order for each destination: re-read agreements, consent, links and flags (a withdrawal, a suspended
+link or a case that became sensitive since extraction stops the record), drop what the trust already
+has (outbox hash), PUT the rest by id in `batch` Bundles, then record outbox status and one ledger row
+per resource that landed, in one transaction. An entry the server refuses is quarantined with its
+reason while its bundle-mates land; if the server fails part-way, what landed is recorded and the rest
+is sent again by the next run.
 """
 
 from __future__ import annotations
@@ -12,17 +14,19 @@ from collections import defaultdict
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 
-from connectors.fhir.client import FhirClient
+from connectors.fhir.client import EntryResult, FhirClient
+from connectors.fhir.errors import FhirError
 from schoolslink import ledger, outbox, workstore
 from schoolslink.endpoints import fhir_base
 from schoolslink.governance import register
-from schoolslink.governance.agreement import agreement_for, load_agreements
+from schoolslink.governance.agreement import Agreement, agreement_for, load_agreements
 from schoolslink.governance.consent import ConsentFacts, decide
+from schoolslink.governance.matching import SENSITIVE_FLAGS
 from schoolslink.model import Direction, Disclosure
 from schoolslink.pipeline.common import quarantine_rows, store
-from schoolslink.store.schema import learners, links
+from schoolslink.store.schema import learners, links, patients
 
 PURPOSE = "cypmhs-school-support"
 
@@ -51,67 +55,90 @@ def deliver_outbound(
             counts["no_endpoint"] += len(todo)
             with eng.begin() as conn:
                 quarantine_rows(conn, run_id, f"deliver:{dest}",
-                                [(None, None, f"no FHIR endpoint configured for trust {dest}; "
-                                  f"{len(todo)} record(s) wait in the outbox")])
+                                [(None, None, f"no FHIR endpoint configured for trust {dest}: {len(todo)} "
+                                  "record(s) not sent; they are mapped and sent by the first run after the "
+                                  "endpoint is configured")])
             continue
+        failure: FhirError | None = None
         with FhirClient(base) as client:
-            results = client.put_batch([r["resource"] for r in todo])
+            try:
+                results = client.put_batch([r["resource"] for r in todo])
+            except FhirError as exc:  # the server failed part-way: record what landed, resend the rest later
+                failure = exc
+                results = list(exc.partial_results)
         sent, disclosures, failed = [], [], []
-        for r, res in zip(todo, results, strict=True):
+        for r, res in zip(todo, results, strict=False):
             ref = f"{res.resource_type}/{res.id}"
             h = hashes[ref]
             if res.ok:
                 sent.append((ref, r["subject_key"], h, "sent", None))
-                disclosures.append(Disclosure(
-                    run_id=run_id, dag_id=dag_id, direction=Direction.SCHOOL_TO_TRUST, recipient=f"ODS:{dest}",
-                    subject_key=r["subject_key"], data_items=(r["item"],), agreement_id=r["agreement_id"],
-                    agreement_version=r["agreement_version"], consent_id=r["consent_id"],
-                    mapping_version=r["mapping_version"], content_hash=h,
-                ))
+                disclosures.append(_disclosure(run_id, dag_id, dest, r, h))
             else:
                 failed.append((ref, r["subject_key"], h, "failed", res.message))
+        unsent = todo[len(results):]
         with eng.begin() as conn:
             outbox.record(conn, f"fhir:{dest}", sent + failed, run_id)
             ledger.append(conn, disclosures, at)
             quarantine_rows(conn, run_id, f"deliver:{dest}",
                             [(subj, None, f"refused by the trust's server: {err}") for _, subj, _, _, err in failed])
+            if failure is not None:
+                quarantine_rows(conn, run_id, f"deliver:{dest}", [(None, None, (
+                    f"the trust's server failed part-way ({type(failure).__name__}): {len(unsent)} record(s) "
+                    "not sent this run; the next run sends them"))])
         counts["sent"] += len(sent)
         counts["refused_by_server"] += len(failed)
+        counts["not_sent_server_failed"] += len(unsent)
     return dict(counts)
 
 
-def _recheck(conn: Any, rows: list[dict[str, Any]], agreements: list[Any], run_date: date,
+def _disclosure(run_id: str, dag_id: str, dest: str, r: dict[str, Any], h: str) -> Disclosure:
+    return Disclosure(
+        run_id=run_id, dag_id=dag_id, direction=Direction.SCHOOL_TO_TRUST, recipient=f"ODS:{dest}",
+        subject_key=r["subject_key"], data_items=(r["item"],), agreement_id=r["agreement_id"],
+        agreement_version=r["agreement_version"], consent_id=r["consent_id"],
+        mapping_version=r["mapping_version"], content_hash=h,
+    )
+
+
+def _recheck(conn: Connection, rows: list[dict[str, Any]], agreements: list[Agreement], run_date: date,
              counts: dict[str, int]) -> list[dict[str, Any]]:
-    """Consent and agreement again, from the store as it is now."""
+    """Agreement, link, flags and consent again, from the store as it is now."""
     subjects = sorted({r["subject_key"] for r in rows})
     facts: dict[str, ConsentFacts] = {}
-    live_links: set[tuple[str, str]] = set()
+    sensitive: set[str] = set()
+    live_links: set[tuple[str, str, str]] = set()
     for i in range(0, len(subjects), 900):
         part = subjects[i : i + 900]
-        for lr in conn.execute(
-            select(learners.c.learner_key, learners.c.age_years, learners.c.competent, learners.c.looked_after)
-            .where(learners.c.learner_key.in_(part))
-        ):
-            facts[lr.learner_key] = ConsentFacts(lr.age_years, lr.competent, lr.looked_after)
-        for lk in conn.execute(
-            select(links.c.learner_key, links.c.trust_ods)
-            .where(links.c.learner_key.in_(part), links.c.withdrawn.is_(False))
-        ):
-            live_links.add((lk.learner_key, lk.trust_ods))
+        for lr in conn.execute(select(learners).where(learners.c.learner_key.in_(part))).mappings():
+            facts[lr["learner_key"]] = ConsentFacts(lr["age_years"], lr["competent"], lr["looked_after"])
+            if lr["left_school"] or lr["plain"] is None or any(lr[f] for f in SENSITIVE_FLAGS):
+                sensitive.add(lr["learner_key"])
+        q = (select(links.c.learner_key, links.c.trust_ods, links.c.patient_ref)
+             .join(patients, (patients.c.trust_ods == links.c.trust_ods)
+                   & (patients.c.patient_ref == links.c.patient_ref))
+             .where(links.c.learner_key.in_(part), links.c.withdrawn.is_(False), patients.c.restricted.is_(False)))
+        for lk in conn.execute(q):
+            live_links.add((lk.learner_key, lk.trust_ods, lk.patient_ref))
     records = register.load_for(conn, subjects + sorted({r["patient_key"] for r in rows}))
     keep = []
     for r in rows:
-        agreement = agreement_for(agreements, r["school_urn"], r["destination"], run_date)
+        agreement = agreement_for(agreements, r["school_urn"], r["destination"], run_date, PURPOSE)
         if agreement is None or r["item"] not in agreement.allowed(Direction.SCHOOL_TO_TRUST):
             counts["stopped_at_delivery_agreement"] += 1
             continue
-        if (r["subject_key"], r["destination"]) not in live_links or r["subject_key"] not in facts:
-            counts["stopped_at_delivery_link"] += 1
+        if (r["subject_key"], r["destination"], r["patient_ref"]) not in live_links or r["subject_key"] in sensitive \
+                or r["subject_key"] not in facts:
+            counts["stopped_at_delivery_link_or_flags"] += 1
             continue
-        recs = records.get(r["subject_key"], []) + records.get(r["patient_key"], [])
+        recs = register.for_school(records.get(r["subject_key"], []) + records.get(r["patient_key"], []),
+                                   r["school_urn"])
         d = decide(recs, facts[r["subject_key"]], Direction.SCHOOL_TO_TRUST, PURPOSE, run_date, r["item"])
-        if not d.allowed:
+        if not d.allowed or d.consent_id is None:
             counts["stopped_at_delivery_consent"] += 1
             continue
-        keep.append(r)
+        keep.append({**r, "consent_id": d.consent_id, "agreement_id": agreement.id,
+                     "agreement_version": agreement.version})
     return keep
+
+
+__all__ = ["EntryResult", "deliver_outbound"]

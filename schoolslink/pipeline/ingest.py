@@ -2,7 +2,8 @@
 
 Each function is one Airflow task's work over a chunk of schools; they hand each other storage keys.
 One school's bad export halts that school only: it is refused whole, moved aside, and the reason
-recorded; the other schools go on.
+recorded; the other schools go on. The work files that carry pupil data live only for the run:
+`deliver` removes them, and `plan` removes any a failed run left behind.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, select, update
 
 from connectors.mis.consent_register import RegisterFlags, read_register
 from connectors.mis.ctf import CtfReader
@@ -22,24 +23,28 @@ from schoolslink import workstore
 from schoolslink.governance import register
 from schoolslink.governance.agreement import Agreement, agreement_for, load_agreements
 from schoolslink.governance.consent import ConsentFacts, decide
-from schoolslink.governance.matching import match_pending
+from schoolslink.governance.matching import SENSITIVE_FLAGS, match_pending
 from schoolslink.keys import learner_key, match_hash
 from schoolslink.mapping import school_context
+from schoolslink.mapping.engine import MappingError, load_mappings
+from schoolslink.mapping.ukcore import check
 from schoolslink.model import Consent, Direction, Learner
-from schoolslink.pipeline.common import age_on, as_date, chunked, quarantine_rows, store
+from schoolslink.pipeline.common import age_on, chunked, quarantine_rows, store
 from schoolslink.settings import home, landing_dir
-from schoolslink.store.schema import learners, links
+from schoolslink.store.schema import learners, links, patients
 from schoolslink.store.upsert import upsert
 from schoolslink.validation import build_feature_frame, validate_learner_features
 
 PURPOSE = "cypmhs-school-support"
+CONTEXT_MAPPING = "school-context-observations"
 
 
 def plan(run_id: str, max_chunks: int) -> list[dict[str, Any]]:
     """The schools with an export in the landing zone, split into chunks (URNs are not pupil data)."""
+    slug = workstore.run_slug(run_id)
+    workstore.purge_pupil_files(keep_run=slug)
     root = landing_dir() / "mis"
     urns = sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.xml"))) if root.exists() else []
-    slug = workstore.run_slug(run_id)
     return [{"run": slug, "chunk": i, "schools": part} for i, part in enumerate(chunked(urns, max_chunks))]
 
 
@@ -52,61 +57,105 @@ def _key_of(path: Path) -> str:
     return str(path.relative_to(home()))
 
 
-def _move_aside(path: Path) -> None:
+def _move_aside(path: Path) -> Path:
     dest = landing_dir() / "refused" / path.parent.name
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(path), dest / path.name)
+    target = dest / path.name
+    shutil.move(str(path), target)
+    return target
 
 
 def parse_validate(run_id: str, chunk: dict[str, Any], run_date: date) -> dict[str, Any]:
     """Parse each school's newest CTF, refuse bad files whole, quarantine bad records (reader + GX)."""
     reader = CtfReader()
     accepted: list[Learner] = []
-    sources: list[str] = []
+    labels: list[tuple[str, int, str]] = []  # (file key, position among the file's accepted pupils, export date)
+    full_schools: list[str] = []
     counts = {"files": 0, "refused_files": 0, "read": 0, "quarantined": 0}
-    eng = store()
-    with eng.begin() as conn:
+    with store().begin() as conn:
         for urn in chunk["schools"]:
             path = _newest_export(urn)
             if path is None:
                 continue
             counts["files"] += 1
-            key = _key_of(path)
             try:
                 result = reader.read(path)
+                if result.header.source_urn != urn:
+                    raise MisInputError("the CTF's source URN is not the school whose folder it landed in")
             except MisInputError as exc:
                 counts["refused_files"] += 1
-                quarantine_rows(conn, run_id, key, [(None, None, f"file refused: {exc}")])
-                _move_aside(path)
+                moved = _move_aside(path)
+                quarantine_rows(conn, run_id, _key_of(moved), [(None, None, f"file refused: {exc}")])
                 continue
-            if result.header.source_urn != urn:
-                counts["refused_files"] += 1
-                quarantine_rows(conn, run_id, key, [(None, "URN", "file refused: the CTF's source URN is not "
-                                                     "the school whose folder it landed in")])
-                _move_aside(path)
-                continue
+            key = _key_of(path)
+            exported = result.header.datetime.date() if result.header.datetime else run_date
             counts["read"] += len(result.learners) + len(result.quarantined)
             counts["quarantined"] += quarantine_rows(
                 conn, run_id, key, [(q.record, q.field, q.reason) for q in result.quarantined]
             )
-            for lr in result.learners:
+            if result.header.qualifier == "full":
+                full_schools.append(urn)
+            for k, lr in enumerate(result.learners, start=1):
                 accepted.append(lr)
-                sources.append(key)
+                labels.append((key, k, exported.isoformat()))
 
         frame = build_feature_frame(accepted, run_date)
         docs = workstore.path_for(f"{chunk['run']}/chunk-{chunk['chunk']}/gx")
         summary = validate_learner_features(frame, data_docs_dir=docs)
         bad = summary.bad_records
         if bad:
-            counts["quarantined"] += quarantine_rows(
-                conn, run_id, "gx:learners",
-                [(f"{sources[i].rsplit('/', 1)[-1]}#{i}", None, "; ".join(reasons)) for i, reasons in bad.items()],
-            )
-    good = [lr for i, lr in enumerate(accepted) if i not in bad]
+            counts["quarantined"] += quarantine_rows(conn, run_id, "gx:learners", [
+                (f"accepted pupil {labels[i][1]} of {labels[i][0].rsplit('/', 1)[-1]}", None, "; ".join(reasons))
+                for i, reasons in bad.items()
+            ])
+    rows = []
+    for i, lr in enumerate(accepted):
+        if i in bad:
+            continue
+        d = lr.to_dict()
+        d["export_date"] = labels[i][2]
+        rows.append(d)
     key = f"{chunk['run']}/chunk-{chunk['chunk']}/learners.jsonl"
-    workstore.write_jsonl(key, (lr.to_dict() for lr in good))
+    workstore.write_jsonl(key, rows)
     return {"run": chunk["run"], "chunk": chunk["chunk"], "schools": chunk["schools"], "learners_key": key,
-            "accepted": len(good), "gx_success": summary.success, **counts}
+            "full_schools": full_schools, "accepted": len(rows), "gx_success": summary.success, **counts}
+
+
+def _read_registers(conn: Connection, run_id: str, urns: list[str], counts: dict[str, int]
+                    ) -> tuple[dict[str, RegisterFlags], set[str]]:
+    """Each school's consent register: records saved, flags merged; returns (flags, schools read)."""
+    flags: dict[str, RegisterFlags] = {}
+    read_ok: set[str] = set()
+    for urn in urns:
+        path = landing_dir() / "consent" / f"{urn}.csv"
+        if not path.exists():
+            continue
+        reg = read_register(path, urn)
+        refused = getattr(reg, "refused", None)
+        if refused:
+            quarantine_rows(conn, run_id, _key_of(path), [(None, None, f"consent register refused: {refused}")])
+            counts["consent_registers_refused"] += 1
+            continue
+        register.save(conn, reg.consents, "school", run_id, competent={k: f.competent for k, f in reg.flags.items()})
+        for k, f in reg.flags.items():
+            mine = flags.setdefault(k, RegisterFlags())
+            mine.competent |= f.competent
+            mine.child_protection |= f.child_protection
+            mine.do_not_tell_parent |= f.do_not_tell_parent
+        read_ok.add(urn)
+        counts["consent_records"] += len(reg.consents)
+        counts["consent_rows_quarantined"] += quarantine_rows(conn, run_id, _key_of(path), reg.quarantined)
+    return flags, read_ok
+
+
+def _stored_flags(conn: Connection, keys: list[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for i in range(0, len(keys), 900):
+        q = select(learners.c.learner_key, learners.c.competent, learners.c.child_protection,
+                   learners.c.do_not_tell_parent).where(learners.c.learner_key.in_(keys[i : i + 900]))
+        for r in conn.execute(q).mappings():
+            out[r["learner_key"]] = dict(r)
+    return out
 
 
 def govern_map(run_id: str, part: dict[str, Any], run_date: date) -> dict[str, Any]:
@@ -114,48 +163,58 @@ def govern_map(run_id: str, part: dict[str, Any], run_date: date) -> dict[str, A
     agreements = load_agreements()
     rows = list(workstore.read_jsonl(part["learners_key"]))
     counts: dict[str, int] = defaultdict(int)
-    outbound: list[dict[str, Any]] = []
-    eng = store()
-    with eng.begin() as conn:
-        flags: dict[str, RegisterFlags] = {}
-        for urn in part["schools"]:
-            reg_path = landing_dir() / "consent" / f"{urn}.csv"
-            if not reg_path.exists():
-                continue
-            reg = read_register(reg_path, urn)
-            register.save(conn, reg.consents, "school", run_id,
-                          competent={k: f.competent for k, f in reg.flags.items()})
-            flags.update(reg.flags)
-            counts["consent_records"] += len(reg.consents)
-            counts["consent_rows_quarantined"] += quarantine_rows(conn, run_id, _key_of(reg_path), reg.quarantined)
-
+    with store().begin() as conn:
+        flags, registers_read = _read_registers(conn, run_id, part["schools"], counts)
         keys = [learner_key(r["upn"]) for r in rows]
-        consents = register.load_for(conn, keys)
+        # A school whose register could not be read keeps the flags it last gave: a missing file must
+        # never clear a child-protection or do-not-tell-parent flag.
+        kept = _stored_flags(conn, [k for k, r in zip(keys, rows, strict=True)
+                                    if r["school_urn"] not in registers_read])
         roll = []
         for r, key in zip(rows, keys, strict=True):
-            dob = date.fromisoformat(r["dob"])
             fl = flags.get(key, RegisterFlags())
+            prev = kept.get(key, {})
             lf = r["flags"]
-            facts = ConsentFacts(age_on(dob, run_date), fl.competent, bool(lf["looked_after"]))
-            any_consent = any(
-                decide(consents.get(key, []), facts, d, PURPOSE, run_date).allowed for d in Direction
-            )
-            counts["with_consent"] += any_consent
             roll.append({
                 "learner_key": key, "school_urn": r["school_urn"],
                 "match_hash": match_hash(r["school_urn"], r["surname"], r["forename"], r["dob"]),
                 "looked_after": bool(lf["looked_after"]), "adopted": bool(lf["adopted"]),
-                "child_protection": fl.child_protection or bool(lf["child_protection"]),
-                "do_not_tell_parent": fl.do_not_tell_parent or bool(lf["do_not_tell_parent"]),
-                "competent": fl.competent, "left_school": bool(r.get("leaving_date")), "age_years": facts.age_years,
-                "plain": r if any_consent else None, "updated_run": run_id,
+                "child_protection": fl.child_protection or bool(lf["child_protection"])
+                or bool(prev.get("child_protection")),
+                "do_not_tell_parent": fl.do_not_tell_parent or bool(lf["do_not_tell_parent"])
+                or bool(prev.get("do_not_tell_parent")),
+                "competent": fl.competent or bool(prev.get("competent")),
+                "left_school": bool(r.get("leaving_date")),
+                "age_years": age_on(date.fromisoformat(r["dob"]), run_date),
+                "plain": None, "updated_run": run_id,
             })
         upsert(conn, learners, roll, ["learner_key"])
         counts["learners"] = len(roll)
+        counts["marked_left"] = _mark_missing_as_left(conn, run_id, part.get("full_schools", []))
         m = match_pending(conn, run_id, part["schools"])
         counts["linked_now"] = m.linked
         counts["to_review"] = m.review
-        outbound = _map_outbound(conn, run_id, roll, consents, agreements, run_date, counts)
+
+        # Plain data only for learners with an active consent (school or trust side) for this school.
+        lks = _linked(conn, keys)
+        consents = register.load_for(conn, keys + [lk["patient_key"] for ls in lks.values() for lk in ls])
+        plain_rows = []
+        for r, row in zip(rows, roll, strict=True):
+            key = row["learner_key"]
+            if row["left_school"]:
+                continue
+            recs = register.for_school(
+                consents.get(key, []) + [c for lk in lks.get(key, []) for c in consents.get(lk["patient_key"], [])],
+                row["school_urn"])
+            facts = ConsentFacts(row["age_years"], row["competent"], row["looked_after"])
+            if any(decide(recs, facts, d, PURPOSE, run_date).allowed for d in Direction):
+                row["plain"] = r
+                plain_rows.append({"learner_key": key, "plain": r})
+        for p in plain_rows:
+            conn.execute(update(learners).where(learners.c.learner_key == p["learner_key"]).values(plain=p["plain"]))
+        counts["with_consent"] = len(plain_rows)
+        outbound = _map_outbound(conn, run_id, roll, lks, consents, agreements, run_date, counts)
+    workstore.remove(part["learners_key"])  # pupil data leaves the work store as soon as it is governed
     key = f"{part['run']}/chunk-{part['chunk']}/outbound.jsonl"
     workstore.write_jsonl(key, outbound)
     carried: dict[str, Any] = {
@@ -165,10 +224,27 @@ def govern_map(run_id: str, part: dict[str, Any], run_date: date) -> dict[str, A
             **carried, **dict(counts)}
 
 
+def _mark_missing_as_left(conn: Connection, run_id: str, full_schools: list[str]) -> int:
+    """A full export is the whole roll: a pupil it no longer lists has left, and keeps no plain data."""
+    if not full_schools:
+        return 0
+    res = conn.execute(
+        update(learners)
+        .where(learners.c.school_urn.in_(full_schools), learners.c.updated_run != run_id,
+               learners.c.left_school.is_(False))
+        .values(left_school=True, plain=None, updated_run=run_id)
+    )
+    return int(res.rowcount or 0)
+
+
 def _linked(conn: Connection, keys: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Live links of these learners whose patient is not restricted."""
     out: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for i in range(0, len(keys), 900):
-        q = select(links).where(links.c.learner_key.in_(keys[i : i + 900]), links.c.withdrawn.is_(False))
+        q = (select(links).join(patients, (patients.c.trust_ods == links.c.trust_ods)
+                                & (patients.c.patient_ref == links.c.patient_ref))
+             .where(links.c.learner_key.in_(keys[i : i + 900]), links.c.withdrawn.is_(False),
+                    patients.c.restricted.is_(False)))
         for r in conn.execute(q).mappings():
             out[r["learner_key"]].append(dict(r))
     return out
@@ -176,64 +252,69 @@ def _linked(conn: Connection, keys: list[str]) -> dict[str, list[dict[str, Any]]
 
 def allowed_items(
     agreement: Agreement, records: list[Consent], facts: ConsentFacts, direction: Direction, at: date
-) -> tuple[frozenset[str], str | None, str]:
-    """Agreement ∩ consent: the items that may go, the consent id that allows them, or why none may."""
-    items, consent_id, reason = set(), None, "the agreement lists no item for this direction"
+) -> tuple[frozenset[str], str | None]:
+    """Agreement ∩ consent: the items that may go, and the consent id that allows them."""
+    items, consent_id = set(), None
     for item in sorted(agreement.allowed(direction)):
         d = decide(records, facts, direction, PURPOSE, at, item)
         if d.allowed:
             items.add(item)
             consent_id = consent_id or d.consent_id
-        else:
-            reason = d.reason
-    return frozenset(items), consent_id, reason
+    return frozenset(items), consent_id
 
 
 def _map_outbound(
     conn: Connection,
     run_id: str,
     roll: list[dict[str, Any]],
+    lks: dict[str, list[dict[str, Any]]],
     consents: dict[str, list[Consent]],
     agreements: list[Agreement],
     run_date: date,
     counts: dict[str, int],
 ) -> list[dict[str, Any]]:
-    by_key = {r["learner_key"]: r for r in roll}
-    linked = _linked(conn, list(by_key))
-    trust_side = register.load_for(conn, [lk["patient_key"] for ls in linked.values() for lk in ls])
+    mappings = load_mappings()
     out = []
-    for key, lks in linked.items():
-        r = by_key[key]
-        if r["left_school"]:
-            counts["not_sent_left_school"] += 1
+    for r in roll:
+        key = r["learner_key"]
+        if key not in lks:
             continue
-        for lk in lks:
-            agreement = agreement_for(agreements, r["school_urn"], lk["trust_ods"], run_date)
+        if r["left_school"] or r["plain"] is None or any(r[f] for f in SENSITIVE_FLAGS):
+            counts["not_sent_left_sensitive_or_no_consent"] += 1
+            continue
+        for lk in lks[key]:
+            agreement = agreement_for(agreements, r["school_urn"], lk["trust_ods"], run_date, PURPOSE)
             if agreement is None:
                 counts["refused_no_agreement"] += 1
                 continue
-            records = consents.get(key, []) + trust_side.get(lk["patient_key"], [])
+            records = register.for_school(consents.get(key, []) + consents.get(lk["patient_key"], []),
+                                          r["school_urn"])
             facts = ConsentFacts(r["age_years"], r["competent"], r["looked_after"])
-            items, consent_id, _why = allowed_items(agreement, records, facts, Direction.SCHOOL_TO_TRUST, run_date)
-            if not items or r["plain"] is None or consent_id is None:
+            items, consent_id = allowed_items(agreement, records, facts, Direction.SCHOOL_TO_TRUST, run_date)
+            if not items or consent_id is None:
                 counts["refused_by_consent"] += 1
                 continue
-            values = school_context.context_items(r["plain"])
-            resources = school_context.observations(
-                learner_key=key, school_urn=r["school_urn"], trust_ods=lk["trust_ods"],
-                patient_ref=lk["patient_ref"], values=values, allowed=items, effective=run_date,
-            )
-            for res, problem in zip(resources, school_context.check(resources), strict=True):
-                if problem:
+            cm = mappings.compile(CONTEXT_MAPPING, items)
+            record = {"learner_key": key, "school_urn": r["school_urn"], "trust_ods": lk["trust_ods"],
+                      "patient_ref": lk["patient_ref"], "effective": r["plain"].get("export_date"),
+                      "values": school_context.context_items(r["plain"])}
+            try:
+                resources = cm.run(record, record_key=key)["resources"] if items else []
+            except MappingError as exc:
+                counts["mapping_errors"] += 1
+                quarantine_rows(conn, run_id, f"mapping:{CONTEXT_MAPPING}", [(key, None, exc.reason)])
+                continue
+            for res in resources:
+                problems = check(res)
+                if problems:
                     counts["mapping_errors"] += 1
-                    quarantine_rows(conn, run_id, "mapping:school_context", [(key, None, problem)])
+                    quarantine_rows(conn, run_id, f"mapping:{CONTEXT_MAPPING}", [(key, None, "; ".join(problems))])
                     continue
                 out.append({
                     "destination": lk["trust_ods"], "subject_key": key, "patient_key": lk["patient_key"],
-                    "school_urn": r["school_urn"], "item": res["code"]["coding"][0]["code"],
-                    "agreement_id": agreement.id, "agreement_version": agreement.version,
-                    "consent_id": consent_id, "mapping_version": school_context.MAPPING_VERSION,
-                    "resource": res,
+                    "patient_ref": lk["patient_ref"], "school_urn": r["school_urn"],
+                    "item": res["code"]["coding"][0]["code"], "agreement_id": agreement.id,
+                    "agreement_version": agreement.version, "mapping_version": cm.version, "resource": res,
                 })
             counts["learners_mapped"] += 1
     return out
@@ -243,7 +324,9 @@ def deliver(run_id: str, parts: list[dict[str, Any]], run_date: date, at: dateti
     """Re-check consent, skip what each trust already has, PUT the rest by id, record in outbox and ledger."""
     from schoolslink.pipeline.delivery import deliver_outbound
 
-    return deliver_outbound(run_id, "mis_ingest", [p["outbound_key"] for p in parts], run_date, at)
-
-
-__all__ = ["as_date", "deliver", "govern_map", "parse_validate", "plan"]
+    keys = [p["outbound_key"] for p in parts]
+    try:
+        return deliver_outbound(run_id, "mis_ingest", keys, run_date, at)
+    finally:
+        for k in keys:
+            workstore.remove(k)

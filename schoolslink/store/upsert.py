@@ -19,13 +19,16 @@ def upsert(
     rows: Sequence[dict[str, Any]],
     keys: Sequence[str],
     batch: int = 5000,
+    *,
+    update: bool = True,
 ) -> int:
+    """Insert rows; on a key conflict update the other columns (or, with update=False, keep what is there)."""
     if not rows:
         return 0
     ins_mod: Any = postgresql if conn.dialect.name == "postgresql" else sqlite
     cols = list(rows[0])
     stmt = ins_mod.insert(table)
-    update_cols = {c: stmt.excluded[c] for c in cols if c not in keys}
+    update_cols = {c: stmt.excluded[c] for c in cols if c not in keys} if update else {}
     if update_cols:
         stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_=update_cols)
     else:

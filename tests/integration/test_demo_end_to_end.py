@@ -205,3 +205,30 @@ def test_nothing_leaks_anywhere(demo: DemoRun) -> None:
     runs_summary = {"run summaries": json.dumps([demo.first, demo.second])}
     for where in (logs, airflow_db, gx, runs_summary):
         assert _find(where, identities) == []
+
+
+def test_plain_data_only_with_consent_and_no_pupil_files_left_in_the_work_store(
+        demo: DemoRun, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite3
+
+    from schoolslink.keys import learner_key
+
+    monkeypatch.setenv("SCHOOLSLINK_KEY", "e2e-test-key")
+    db = sqlite3.connect(demo.home / "state.db")
+    plain = {k for (k,) in db.execute("select learner_key from learners where plain is not null")}
+    total = db.execute("select count(*) from learners").fetchone()[0]
+    assert 0 < len(plain) < total
+    for c in demo.manifest["cases"]:
+        key = learner_key(c["upn"])
+        if c["case"] in ("no_consent", "refused", "withdrawn", "expired", "parents_disagree"):
+            assert key not in plain, c["case"]
+        if c["expect_trust_to_school"] or c["expect_school_to_trust"]:
+            assert key in plain, c["case"]
+    assert list((demo.home / "work").rglob("*.jsonl")) == []
+
+
+def test_a_same_night_rerun_keeps_what_changed_since_the_last_night(demo: DemoRun) -> None:
+    # The second run rebuilt tonight's feeds: every row is still new to the school, not "unchanged".
+    for f in (demo.home / "out" / "feeds").glob(f"*/{RUN_DATE}/feed.json"):
+        for row in json.loads(f.read_text())["rows"]:
+            assert row["changed"] == "new"

@@ -116,3 +116,35 @@ def test_first_identity_match(store: Engine) -> None:
     with store.begin() as conn:
         again = match_pending(conn, "run-2")
     assert again.linked == 0
+
+
+def test_a_link_is_suspended_when_the_case_becomes_sensitive_and_never_re_pointed(store: Engine) -> None:
+    def roll(upn: str, **flags: bool) -> dict[str, object]:
+        return {"learner_key": learner_key(upn), "school_urn": "900001",
+                "match_hash": match_hash("900001", "Ashby", "Tomasz", "2013-04-01"), "looked_after": False,
+                "adopted": False, "child_protection": False, "do_not_tell_parent": False, "competent": False,
+                "left_school": False, "age_years": 12, "plain": None, "updated_run": "r", **flags}
+
+    def patient(ref: str, nhs: str, restricted: bool = False) -> dict[str, object]:
+        return {"trust_ods": "R9X", "patient_ref": ref, "patient_key": patient_key(nhs), "school_urn": "900001",
+                "match_hash": match_hash("900001", "Ashby", "Tomasz", "2013-04-01"), "verified": True,
+                "restricted": restricted, "version_id": "1", "updated_run": "r"}
+
+    with store.begin() as conn:
+        upsert(conn, learners, [roll("B801200005001")], ["learner_key"])
+        upsert(conn, patients, [patient("Patient/1", "9990000018")], ["trust_ods", "patient_ref"])
+        assert match_pending(conn, "run-1").linked == 1
+    # The trust creates a duplicate Patient for the same child: the link is not re-pointed.
+    with store.begin() as conn:
+        upsert(conn, patients, [patient("Patient/2", "9990000026")], ["trust_ods", "patient_ref"])
+        assert match_pending(conn, "run-2").linked == 0
+        reason = conn.execute(select(review_queue.c.reason).where(review_queue.c.patient_ref == "Patient/2")).scalar()
+        assert reason == ReviewReason.ALREADY_LINKED.value
+        assert conn.execute(select(links.c.patient_ref)).scalar() == "Patient/1"
+    # The school records the child as looked after: the link is suspended and waits for a person.
+    with store.begin() as conn:
+        upsert(conn, learners, [roll("B801200005001", looked_after=True)], ["learner_key"])
+        match_pending(conn, "run-3")
+        assert conn.execute(select(links.c.withdrawn)).scalar() is True
+        reason = conn.execute(select(review_queue.c.reason).where(review_queue.c.patient_ref == "Patient/1")).scalar()
+        assert reason == ReviewReason.BECAME_SENSITIVE.value

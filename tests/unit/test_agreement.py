@@ -23,9 +23,12 @@ def test_the_demo_agreement_loads_and_covers_the_synthetic_schools() -> None:
     assert a.covers_trust("R9X")
     assert "attendance_percent" in a.allowed(Direction.SCHOOL_TO_TRUST)
     assert "named_contact" in a.allowed(Direction.TRUST_TO_SCHOOL)
-    assert agreement_for(load_agreements(), "900001", "R9X", date(2026, 11, 26)) == a
-    assert agreement_for(load_agreements(), "900001", "R9X", date(2027, 9, 1)) is None  # expired
-    assert agreement_for(load_agreements(), "900001", "RXX", date(2026, 11, 26)) is None
+    p = "cypmhs-school-support"
+    assert agreement_for(load_agreements(), "900001", "R9X", date(2026, 11, 26), p) == a
+    assert agreement_for(load_agreements(), "900001", "R9X", date(2027, 9, 1), p) is None  # expired
+    assert agreement_for(load_agreements(), "900001", "RXX", date(2026, 11, 26), p) is None
+    # an agreement made for another purpose never lends its items
+    assert agreement_for(load_agreements(), "900001", "R9X", date(2026, 11, 26), "service-evaluation") is None
 
 
 @pytest.mark.parametrize(
