@@ -146,46 +146,126 @@ def practitioner_role(res: Row) -> Row:
             "role": role, "email": email}
 
 
+# Consent statuses (R4): only these yield a record; the rest (entered-in-error, draft, proposed, or anything
+# unrecognised) mean the trust holds no decision here, so whatever we stored for the resource is forgotten.
+CONSENT_STATUSES_USED = frozenset({"active", "inactive", "rejected"})
+_GIVER_BY_REFERENCE_TYPE = {
+    "Patient": ConsentGiver.YOUNG_PERSON,
+    "RelatedPerson": ConsentGiver.PARENT,
+    "Organization": ConsentGiver.LOCAL_AUTHORITY,
+}
+
+
+def consent_id(trust_ods: str, consent_ref: str, school_urn: str) -> str:
+    """The stored id of one school's part of a trust Consent (one record per school the Consent names)."""
+    return f"{consent_id_prefix(trust_ods, consent_ref)}{school_urn}"
+
+
+def consent_id_prefix(trust_ods: str, consent_ref: str) -> str:
+    """What every stored id of this trust Consent starts with (see `consent_id`)."""
+    return f"fhir:{trust_ods}:{consent_ref}:"
+
+
+def _reference_type(ref: Row) -> str | None:
+    """The resource type a Reference points at: its `type`, else read from `reference` (relative or absolute)."""
+    if ref.get("type"):
+        return str(ref["type"])
+    parts = str(ref.get("reference") or "").split("/_history/")[0].split("/")
+    return parts[-2] if len(parts) >= 2 and parts[-1] else None
+
+
+def _tail(reference: str) -> str:
+    return "/".join(reference.split("/_history/")[0].split("/")[-2:])
+
+
+def _giver(res: Row, patient_ref: str) -> ConsentGiver:
+    """Who gave the consent, from each performer's reference type (a display name is a person's name, not a
+    category); a bare display counts only if it is exactly a category. Never guessed: unknown raises."""
+    givers: set[ConsentGiver] = set()
+    for performer in res.get("performer") or []:
+        performer = performer if isinstance(performer, dict) else {}
+        rtype = _reference_type(performer)
+        if rtype in _GIVER_BY_REFERENCE_TYPE:
+            if rtype == "Patient" and performer.get("reference") and _tail(str(performer["reference"])) != patient_ref:
+                raise InboundError("performer", "Consent performer is a different Patient from the one the "
+                                                "consent is about: cannot tell who gave this consent")
+            givers.add(_GIVER_BY_REFERENCE_TYPE[rtype])
+        elif performer.get("display") in {g.value for g in ConsentGiver}:
+            givers.add(ConsentGiver(performer["display"]))
+        else:
+            raise InboundError("performer", "Consent performer is neither a Patient, RelatedPerson or Organization "
+                                            "reference nor a giver category: cannot tell who gave this consent")
+    if not givers:
+        raise InboundError("performer", "Consent has no performer: cannot tell who gave this consent")
+    if len(givers) > 1:
+        raise InboundError("performer", "Consent performers are of different kinds: cannot tell who gave this "
+                                        "consent")
+    return givers.pop()
+
+
 def consent(res: Row) -> Row | None:
-    """A trust-side Consent naming a school as the recipient: the family's decision about trust -> school."""
+    """A trust-side Consent naming one or more schools as recipients: the family's decision about trust -> school.
+
+    None when it yields no record (a status that is no decision, no school named, no patient): the caller
+    then forgets whatever it stored for this Consent. A Consent whose giver cannot be told raises.
+    """
+    status = str(res.get("status") or "unknown")
     provision = res.get("provision") or {}
-    urns = [
-        str(a["reference"]["identifier"]["value"])
+    urns = list(dict.fromkeys(
+        str(a["reference"]["identifier"]["value"]).strip()
         for a in provision.get("actor") or []
         if ((a.get("reference") or {}).get("identifier") or {}).get("system") == SCHOOL_URN_SYSTEM
-    ]
+        and a["reference"]["identifier"].get("value")
+    ))
     patient_ref = _ref(res.get("patient"))
-    if not urns or not patient_ref:
+    if status not in CONSENT_STATUSES_USED or not urns or not patient_ref:
         return None
+    patient_ref = _tail(patient_ref)
+    if not patient_ref.startswith("Patient/"):
+        raise InboundError("patient", "Consent patient is not a Patient reference")
+    if any(not (u.isascii() and u.isdigit() and len(u) == 6) for u in urns):
+        raise InboundError("provision.actor", "Consent names a school by a URN that is not 6 digits")
+    kind = str(provision.get("type") or "permit")
+    if kind not in {"permit", "deny"}:
+        raise InboundError("provision.type", "Consent provision.type is neither permit nor deny")
     purposes = [p.get("code") for p in provision.get("purpose") or [] if p.get("system") == PURPOSE_SYSTEM]
     period = provision.get("period") or {}
-    giver = ((res.get("performer") or [{}])[0].get("display") or "parent").strip()
+    valid_from = _date(period.get("start") or res.get("dateTime"), "provision.period.start")
+    if valid_from is None:
+        raise InboundError("provision.period.start", "Consent has neither provision.period.start nor dateTime: "
+                                                     "cannot tell from when it counts")
+    became_inactive = None
+    if status == "inactive":
+        became_inactive = (_date((res.get("meta") or {}).get("lastUpdated"), "meta.lastUpdated")
+                           or _date(res.get("dateTime"), "dateTime"))
     return {
         "consent_ref": f"Consent/{res['id']}", "patient_ref": patient_ref, "school_urns": urns,
-        "status": str(res.get("status") or "unknown"), "type": str(provision.get("type") or "permit"),
-        "purposes": [p for p in purposes if p], "given_by": giver,
-        "valid_from": _date(period.get("start") or res.get("dateTime"), "provision.period.start"),
+        "status": status, "type": kind,
+        "purposes": [p for p in purposes if p], "given_by": _giver(res, patient_ref).value,
+        "valid_from": valid_from,
         "valid_to": _date(period.get("end"), "provision.period.end"),
+        "inactive_on": became_inactive,
     }
 
 
-def consent_record(row: Row, patient_key_of: dict[str, str], trust_ods: str) -> Consent | None:
+def consent_records(row: Row, patient_key_of: dict[str, str], trust_ods: str) -> list[Consent]:
+    """One record per school the Consent names (`consent_id`), each scoped to that school; none when the
+    patient is not known here or the status is no decision."""
     key = patient_key_of.get(row["patient_ref"])
-    if key is None or row["valid_from"] is None:
-        return None
-    try:
-        giver = ConsentGiver(row["given_by"])
-    except ValueError:
-        giver = ConsentGiver.PARENT
     status = row["status"]
-    if status in {"entered-in-error", "draft", "proposed"}:
-        return None
+    if key is None or row["valid_from"] is None or status not in CONSENT_STATUSES_USED:
+        return []
+    giver = ConsentGiver(row["given_by"])
     decision = ConsentDecision.DENY if row["type"] == "deny" or status == "rejected" else ConsentDecision.PERMIT
-    return Consent(
-        consent_id=f"fhir:{trust_ods}:{row['consent_ref']}", subject_key=key, given_by=giver, decision=decision,
-        directions=(Direction.TRUST_TO_SCHOOL,), purposes=tuple(row["purposes"]), valid_from=row["valid_from"],
-        valid_to=row["valid_to"], withdrawn_on=row["valid_from"] if status == "inactive" else None,
-    )
+    withdrawn_on = (row.get("inactive_on") or row["valid_from"]) if status == "inactive" else None
+    return [
+        Consent(
+            consent_id=consent_id(trust_ods, row["consent_ref"], urn), subject_key=key, given_by=giver,
+            decision=decision, directions=(Direction.TRUST_TO_SCHOOL,), purposes=tuple(row["purposes"]),
+            valid_from=row["valid_from"], valid_to=row["valid_to"], withdrawn_on=withdrawn_on, school_urn=urn,
+        )
+        for urn in row["school_urns"]
+    ]
 
 
 READERS = {

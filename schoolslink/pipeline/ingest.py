@@ -299,7 +299,7 @@ def _map_outbound(
                       "patient_ref": lk["patient_ref"], "effective": r["plain"].get("export_date"),
                       "values": school_context.context_items(r["plain"])}
             try:
-                resources = cm.run(record, record_key=key)["resources"] if items else []
+                resources = cm.run(record, record_key=key).get("resources", [])
             except MappingError as exc:
                 counts["mapping_errors"] += 1
                 quarantine_rows(conn, run_id, f"mapping:{CONTEXT_MAPPING}", [(key, None, exc.reason)])

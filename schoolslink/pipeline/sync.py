@@ -11,16 +11,20 @@ from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, Engine, select
 
 from connectors.fhir.client import FhirClient
+from connectors.fhir.errors import FhirError, FhirTransientError
 from schoolslink.endpoints import fhir_base
+from schoolslink.errors import SchoolslinkError, TransientError
 from schoolslink.governance import register
 from schoolslink.governance.agreement import load_agreements
 from schoolslink.governance.matching import match_pending
 from schoolslink.mapping import fhir_inbound as fin
+from schoolslink.model import Consent, ConsentDecision
 from schoolslink.pipeline.common import quarantine_rows, store
 from schoolslink.store.schema import (
+    consents,
     patients,
     trust_appointments,
     trust_episodes,
@@ -58,6 +62,12 @@ def _batches(it: Iterator[dict[str, Any]], n: int) -> Iterator[list[dict[str, An
 
 
 def pull_trust(run_id: str, trust_ods: str) -> dict[str, Any]:
+    """Pull every type; a type that fails (peer or store) keeps its watermark and does not stop the others.
+
+    A resource that cannot be read is quarantined by reference (`Type/id`) and the pull goes on. If a whole
+    type failed, that is quarantined too and, once every other type is pulled, raised (names only: no
+    values), so the task fails and is retried.
+    """
     base = fhir_base(trust_ods)
     counts: dict[str, int] = defaultdict(int)
     eng = store()
@@ -67,41 +77,88 @@ def pull_trust(run_id: str, trust_ods: str) -> dict[str, Any]:
                                                                   f"for trust {trust_ods}: nothing pulled")])
         return {"trusts_without_endpoint": 1}
     source = f"fhir:{trust_ods}"
+    failed: list[tuple[str, Exception]] = []
     with FhirClient(base) as client:
         for rtype in TYPES:
-            with eng.connect() as conn:
-                since = _watermark(conn, source, rtype)
-            newest = since
-            for batch in _batches(client.search_since(rtype, since, page_size=1000), BATCH):
-                ours = [r for r in batch if fin.is_ours(r)]
-                theirs = [r for r in batch if not fin.is_ours(r)]
-                counts["pulled_own_writes_skipped"] += len(ours)
-                with eng.begin() as conn:
-                    _store(conn, run_id, trust_ods, rtype, theirs, counts)
-                for r in batch:
-                    lu = r.get("meta", {}).get("lastUpdated")
-                    if lu and (newest is None or lu > newest):
-                        newest = lu
-            if newest and newest != since:
-                with eng.begin() as conn:
-                    upsert(conn, watermarks, [{"source": source, "resource_type": rtype, "value": newest}],
-                           ["source", "resource_type"])
+            if rtype == "Consent" and any(t == "Patient" for t, _ in failed):
+                # A Consent is stored against its Patient's key: without this run's Patients, new ones would
+                # be dropped and the watermark passed. Wait for the next run.
+                failed.append((rtype, SchoolslinkError("not pulled because the Patient pull failed")))
+                continue
+            try:
+                _pull_type(eng, client, run_id, trust_ods, source, rtype, counts)
+            except Exception as exc:  # noqa: BLE001 - one type's failure must not stop the others
+                failed.append((rtype, exc))
+                counts["pulled_types_failed"] += 1
+                try:
+                    reason = (f"pulling {rtype} failed ({_describe(exc)}); its watermark stays, so the next "
+                              f"run reads those changes again")
+                    with eng.begin() as conn:
+                        quarantine_rows(conn, run_id, f"fhir:{trust_ods}:{rtype}", [(None, None, reason)])
+                except Exception:  # noqa: BLE001, S110 - the store itself may be what failed; we raise below
+                    pass
+    if failed:
+        what = "; ".join(f"{rtype}: {_describe(exc)}" for rtype, exc in failed)
+        err_type = TransientError if all(isinstance(e, FhirTransientError) for _, e in failed) else SchoolslinkError
+        raise err_type(f"pull from trust {trust_ods}: {len(failed)} resource type(s) failed ({what}); "
+                       f"the other types were pulled") from None
     return dict(counts)
+
+
+def _describe(exc: Exception) -> str:
+    """What failed, safe for logs: the FHIR client's messages carry no ids or bodies; others only by class."""
+    if isinstance(exc, FhirError | SchoolslinkError):
+        return f"{type(exc).__name__}: {exc}"
+    return type(exc).__name__
+
+
+def _pull_type(eng: Engine, client: FhirClient, run_id: str, trust_ods: str, source: str, rtype: str,
+               counts: dict[str, int]) -> None:
+    with eng.connect() as conn:
+        since = _watermark(conn, source, rtype)
+    newest = since
+    for batch in _batches(client.search_since(rtype, since, page_size=1000), BATCH):
+        ours = [r for r in batch if fin.is_ours(r)]
+        theirs = [r for r in batch if not fin.is_ours(r)]
+        counts["pulled_own_writes_skipped"] += len(ours)
+        with eng.begin() as conn:
+            _store(conn, run_id, trust_ods, rtype, theirs, counts)
+        for r in batch:
+            lu = (r.get("meta") or {}).get("lastUpdated")
+            if lu and (newest is None or lu > newest):
+                newest = lu
+    if newest and newest != since:
+        with eng.begin() as conn:
+            upsert(conn, watermarks, [{"source": source, "resource_type": rtype, "value": newest}],
+                   ["source", "resource_type"])
+
+
+def _read(rtype: str, res: dict[str, Any]) -> dict[str, Any] | None:
+    """`fin.canonical`, with any unexpected failure turned into an InboundError that names no value."""
+    try:
+        return fin.canonical(rtype, res)
+    except fin.InboundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one odd resource is quarantined, never the end of the pull
+        raise fin.InboundError("structure", f"{rtype} could not be read ({type(exc).__name__})") from None
 
 
 def _store(conn: Connection, run_id: str, trust: str, rtype: str, batch: list[dict[str, Any]],
            counts: dict[str, int]) -> None:
+    if rtype == "Consent":
+        _store_consents(conn, run_id, trust, batch, counts)
+        return
     rows: list[dict[str, Any]] = []
     bad: list[tuple[str | None, str | None, str]] = []
     for res in batch:
         try:
-            row = fin.canonical(rtype, res)
+            row = _read(rtype, res)
         except fin.InboundError as exc:
             bad.append((f"{rtype}/{res.get('id', '?')}", exc.field, str(exc)))
             continue
         if row is None:
             continue
-        rows.append(row if rtype == "Consent" else {**row, "trust_ods": trust, "updated_run": run_id})
+        rows.append({**row, "trust_ods": trust, "updated_run": run_id})
     if bad:
         counts["pulled_quarantined"] += quarantine_rows(conn, run_id, f"fhir:{trust}:{rtype}", bad)
     if not rows:
@@ -116,13 +173,72 @@ def _store(conn: Connection, run_id: str, trust: str, rtype: str, batch: list[di
         upsert(conn, trust_appointments, rows, ["trust_ods", "appointment_ref"])
     elif rtype == "PractitionerRole":
         upsert(conn, trust_practitioners, rows, ["trust_ods", "role_ref"])
-    elif rtype == "Consent":
-        refs = sorted({r["patient_ref"] for r in rows})
-        keys = dict(conn.execute(select(patients.c.patient_ref, patients.c.patient_key)
-                                 .where(patients.c.trust_ods == trust, patients.c.patient_ref.in_(refs))).all())
-        consents = [fin.consent_record(r, keys, trust) for r in rows]
-        register.save(conn, [c for c in consents if c is not None], "fhir", run_id)
     counts[f"pulled_{rtype}"] += len(rows)
+
+
+def _store_consents(conn: Connection, run_id: str, trust: str, batch: list[dict[str, Any]],
+                    counts: dict[str, int]) -> None:
+    """Each Consent resource's current version replaces what we stored for it: one record per school it names,
+    and every stored record it no longer yields (entered-in-error, draft, a school removed, ...) forgotten, so
+    nothing keeps permitting. An unreadable version (or one whose Patient we do not hold) is quarantined and
+    its stored permits forgotten; its stored refusals stay (fail closed) until a usable version arrives."""
+    latest: dict[str, dict[str, Any] | None] = {}  # Consent/<id> -> its canonical row (None: yields no record)
+    unreadable: set[str] = set()
+    bad: list[tuple[str | None, str | None, str]] = []
+    for res in batch:  # in _lastUpdated order: a later version of the same Consent wins
+        ref = f"Consent/{res['id']}" if res.get("id") else None
+        try:
+            row = _read("Consent", res)
+        except fin.InboundError as exc:
+            bad.append((ref or "Consent/?", exc.field, str(exc)))
+            if ref:
+                latest.pop(ref, None)
+                unreadable.add(ref)
+            continue
+        if ref:
+            unreadable.discard(ref)
+            latest[ref] = row
+    if bad:
+        counts["pulled_quarantined"] += quarantine_rows(conn, run_id, f"fhir:{trust}:Consent", bad)
+    if not latest and not unreadable:
+        return
+
+    refs = sorted({r["patient_ref"] for r in latest.values() if r is not None})
+    keys: dict[str, str] = {}
+    for i in range(0, len(refs), 900):
+        keys.update(conn.execute(select(patients.c.patient_ref, patients.c.patient_key).where(
+            patients.c.trust_ods == trust, patients.c.patient_ref.in_(refs[i : i + 900]))).tuples().all())
+    records: list[Consent] = []
+    keep: set[str] = set()
+    bad_patient: list[tuple[str | None, str | None, str]] = []
+    for ref, row in list(latest.items()):
+        if row is not None and row["patient_ref"] not in keys:
+            # As good as unreadable: its stored permits go, its stored refusals stay.
+            bad_patient.append((ref, "patient", "Consent's Patient is not known here (not yet pulled, or "
+                                                "quarantined): the consent is not applied"))
+            del latest[ref]
+            unreadable.add(ref)
+            continue
+        recs = fin.consent_records(row, keys, trust) if row is not None else []
+        records.extend(recs)
+        keep.update(c.consent_id for c in recs)
+
+    stale: list[str] = []
+    prefix = f"fhir:{trust}:Consent/"
+    stored = conn.execute(select(consents.c.consent_id, consents.c.decision).where(
+        consents.c.consent_id.startswith(prefix, autoescape=True))).tuples().all()
+    for cid, decision in stored:
+        ref = "Consent/" + cid[len(prefix):].split(":", 1)[0]  # ids: fhir:<trust>:Consent/<id>[:<urn>]
+        if cid in keep:
+            continue
+        if ref in latest or (ref in unreadable and decision != ConsentDecision.DENY.value):
+            stale.append(cid)
+    if bad_patient:
+        counts["pulled_quarantined"] += quarantine_rows(conn, run_id, f"fhir:{trust}:Consent", bad_patient)
+    counts["consents_forgotten"] += register.forget(conn, stale)
+    register.save(conn, records, "fhir", run_id)
+    counts["pulled_Consent"] += len(latest)
+    counts["consent_records"] += len(records)
 
 
 def match_all(run_id: str) -> dict[str, int]:
