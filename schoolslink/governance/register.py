@@ -37,6 +37,18 @@ def save(conn: Connection, records: Iterable[Consent], source: str, run_id: str,
     return upsert(conn, consents, rows, ["consent_id"])
 
 
+def replace_school_register(conn: Connection, school_urn: str, records: list[Consent], run_id: str,
+                            competent: dict[str, bool]) -> int:
+    """A school's register export is its whole register: records it no longer lists stop counting."""
+    save(conn, records, "school", run_id, competent=competent)
+    keep = {c.consent_id for c in records}
+    stored = conn.execute(
+        select(consents.c.consent_id).where(consents.c.source == "school",
+                                            consents.c.consent_id.like(f"school:{school_urn}:%"))
+    ).scalars()
+    return forget(conn, [cid for cid in stored if cid not in keep])
+
+
 def for_school(records: list[Consent], school_urn: str) -> list[Consent]:
     """The records that speak about sharing with this school (a consent naming another school does not)."""
     return [c for c in records if c.school_urn is None or c.school_urn == school_urn]

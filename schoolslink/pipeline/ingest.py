@@ -136,7 +136,8 @@ def _read_registers(conn: Connection, run_id: str, urns: list[str], counts: dict
             quarantine_rows(conn, run_id, _key_of(path), [(None, None, f"consent register refused: {refused}")])
             counts["consent_registers_refused"] += 1
             continue
-        register.save(conn, reg.consents, "school", run_id, competent={k: f.competent for k, f in reg.flags.items()})
+        counts["consent_records_dropped"] += register.replace_school_register(
+            conn, urn, reg.consents, run_id, {k: f.competent for k, f in reg.flags.items()})
         for k, f in reg.flags.items():
             mine = flags.setdefault(k, RegisterFlags())
             mine.competent |= f.competent

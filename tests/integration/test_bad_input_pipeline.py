@@ -58,3 +58,21 @@ def test_bad_files_are_refused_whole_and_the_rest_go_on(sl_home: Path, store: En
         q = select(learners.c.school_urn, func.count()).group_by(learners.c.school_urn)
         by_school = dict(conn.execute(q).all())
     assert set(by_school) == {urns[3], urns[4]}
+
+
+def test_a_row_removed_from_the_consent_register_stops_counting(sl_home: Path, store: Engine) -> None:
+    from schoolslink.store.schema import consents
+
+    synthesise(sl_home, schools=1, pupils=200, seed=5, as_of=DAY)
+    [chunk] = ingest.plan("run-a", 1)
+    ingest.govern_map("run-a", ingest.parse_validate("run-a", chunk, DAY), DAY)
+    reg = next((sl_home / "landing" / "consent").glob("*.csv"))
+    lines = reg.read_text().splitlines(keepends=True)
+    assert len(lines) > 2
+    reg.write_text("".join(lines[:-1]))  # the school deleted its last record
+    [chunk] = ingest.plan("run-b", 1)
+    out = ingest.govern_map("run-b", ingest.parse_validate("run-b", chunk, DAY), DAY)
+    assert out["consent_records_dropped"] == 1
+    with store.connect() as conn:
+        n = conn.execute(select(func.count()).select_from(consents).where(consents.c.source == "school")).scalar()
+    assert n == len(lines) - 2
