@@ -50,13 +50,18 @@ def to_date(value: Any) -> str | None:
     return date.fromisoformat(str(value)[:10]).isoformat()
 
 
+_DMY = re.compile(r"(\d{1,2})/(\d{1,2})/(\d{4})")
+
+
 @register("date_dmy", 1)
 def date_dmy(value: Any) -> str | None:
     """An ISO date from DD/MM/YYYY (as census-style CSV exports write dates)."""
     if value is None or str(value).strip() == "":
         return None
-    d, m, y = str(value).strip().split("/")
-    return date(int(y), int(m), int(d)).isoformat()
+    m = _DMY.fullmatch(str(value).strip())
+    if m is None:  # e.g. 1/13/05: a US-style or two-digit-year date is refused, never guessed
+        raise ValueError("isoformat: not DD/MM/YYYY")
+    return date(int(m[3]), int(m[2]), int(m[1])).isoformat()
 
 
 @register("upper", 1)
