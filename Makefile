@@ -41,6 +41,7 @@ pytest: install
 test: lint typecheck pytest
 
 bench: install
+	$(BIN)/python -m benchmarks.mapping
 	$(BIN)/python -m benchmarks.run
 
 clean:

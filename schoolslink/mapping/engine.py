@@ -50,8 +50,7 @@ ALLOWED_WITH = {
     "$each": {"$as", "$do"},
 }
 CONDITIONS = {"$exists", "$eq", "$ne", "$in", "$not", "$all", "$any"}
-MAPPING_KEYS = {"mapping", "description", "kind", "input", "output", "uses", "tables", "let", "template",
-                "columns", "check"}
+MAPPING_KEYS = {"mapping", "description", "kind", "input", "output", "let", "template", "columns", "check"}
 FRAGMENT_KEYS = {"fragment", "description", "template"}
 TABLE_KEYS = {"table", "description", "source", "target", "unmapped", "default", "codes"}
 KINDS = {"template", "columns"}
@@ -119,7 +118,6 @@ class Mapping:
     template: Any
     path: Path
     digest: str
-    uses: list[str] = field(default_factory=list)
     version: str = ""
     items: frozenset[str] = frozenset()
     _compiled: dict[frozenset[str] | None, Callable[[Any, dict[str, Any]], tuple[dict[str, Any], list[str]]]] = (
@@ -159,6 +157,14 @@ class CompiledMapping:
     @property
     def version(self) -> str:
         return self.mapping.version
+
+    def problems(self, resource: dict[str, Any]) -> list[str]:
+        """The output check the mapping declares (`check: fhir-r4`): R4 structure and UK Core rules."""
+        if self.mapping.check != "fhir-r4":
+            return []
+        from schoolslink.mapping.ukcore import check
+
+        return check(resource)
 
     def run(self, record: Any, context: dict[str, Any] | None = None, *, record_key: str = "?") -> dict[str, Any]:
         return self.run_with_items(record, context, record_key=record_key)[0]
@@ -344,7 +350,7 @@ def _load_mapping(p: Path, doc: LDict) -> Mapping:
             raise _fail(p, doc, "a columns mapping has columns and no template", "kind")
         template = _columns_to_template(p, doc["columns"])
     return Mapping(name, kind, str(doc.get("description", "")), str(doc["input"]), str(doc["output"]), check,
-                   lets, template, p, _digest(p), list(doc.get("uses") or []))
+                   lets, template, p, _digest(p))
 
 
 def _columns_to_template(p: Path, columns: Any) -> LDict:

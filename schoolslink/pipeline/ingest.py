@@ -27,7 +27,6 @@ from schoolslink.governance.matching import SENSITIVE_FLAGS, match_pending
 from schoolslink.keys import learner_key, match_hash
 from schoolslink.mapping import school_context
 from schoolslink.mapping.engine import MappingError, load_mappings
-from schoolslink.mapping.ukcore import check
 from schoolslink.model import Consent, Direction, Learner
 from schoolslink.pipeline.common import age_on, chunked, quarantine_rows, store
 from schoolslink.settings import home, landing_dir
@@ -306,7 +305,7 @@ def _map_outbound(
                 quarantine_rows(conn, run_id, f"mapping:{CONTEXT_MAPPING}", [(key, None, exc.reason)])
                 continue
             for res in resources:
-                problems = check(res)
+                problems = cm.problems(res)
                 if problems:
                     counts["mapping_errors"] += 1
                     quarantine_rows(conn, run_id, f"mapping:{CONTEXT_MAPPING}", [(key, None, "; ".join(problems))])
