@@ -201,3 +201,7 @@ def postcode(value: Any) -> str | None:
         return None
     s = _WS.sub("", str(value)).upper()
     return f"{s[:-3]} {s[-3:]}" if len(s) > 3 else s
+
+
+# Functions kept beside the systems they read; importing them registers them here.
+from schoolslink.mapping import functions_fhir, functions_mis  # noqa: E402, F401
