@@ -2,7 +2,8 @@
 referral stands tonight, in plain English (CSV for MIS import, JSON), with a manifest of row counts
 and SHA-256, written atomically into `SCHOOLSLINK_HOME/out/feeds/<URN>/<date>/`.
 
-A column whose data item the agreement or the consent does not allow is left empty. Every row is a
+Rows come from the declarative mapping `mappings/feed-out/school-feed-row.yaml`: a column whose
+data item the agreement or the consent does not allow is never filled. Every row is a
 disclosure to the school and gets a ledger entry. The feeds issue adds HTML, changes-only files,
 corrections, signposting and delivery to S3/SFTP.
 """
@@ -28,10 +29,11 @@ from schoolslink.governance import register
 from schoolslink.governance.agreement import Agreement, agreement_for, load_agreements
 from schoolslink.governance.consent import ConsentFacts, decide
 from schoolslink.governance.matching import SENSITIVE_FLAGS
+from schoolslink.mapping.engine import load_mappings
 from schoolslink.model import Direction, Disclosure
 from schoolslink.pipeline.common import store
 from schoolslink.settings import feeds_dir
-from schoolslink.status import PLAIN, WAITING, derive
+from schoolslink.status import derive
 from schoolslink.store.schema import (
     feed_rows,
     learners,
@@ -51,16 +53,7 @@ COLUMNS = (
     "days_waiting", "next_appointment", "contact_name", "contact_role", "contact_email", "transition",
     "changed",
 )
-# Which feed columns each trust_to_school data item fills.
-ITEM_COLUMNS = {
-    "referral_received": ("referral_received",),
-    "referral_status": ("status", "status_code"),
-    "outcome_reason": ("reason",),
-    "days_waiting": ("days_waiting",),
-    "next_appointment": ("next_appointment",),
-    "named_contact": ("contact_name", "contact_role", "contact_email"),
-    "transition": ("transition",),
-}
+FEED_MAPPING = "school-feed-row"  # mappings/feed-out/school-feed-row.yaml: which item fills which column
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +132,7 @@ def _school_rows(
         else:
             previous[(r.learner_key, r.trust_ods)] = (r.prev_hash, r.prev_date)
     consents = register.load_for(conn, list(pupils) + [x["patient_key"] for v in lks.values() for x in v])
+    mappings = load_mappings()
 
     rows: list[dict[str, Any]] = []
     state: list[dict[str, Any]] = []
@@ -173,31 +167,30 @@ def _school_rows(
             )
             role = roles.get(ep_mgr or ref["performer_ref"] or "")
             plain = pupil["plain"]
-            full = {
-                "referral_received": ref["received"].isoformat() if ref["received"] else "",
-                "status": PLAIN[st.status], "status_code": st.status.value,
-                "reason": st.reason_text or "",
-                "days_waiting": str((feed_date - ref["received"]).days)
-                if ref["received"] and st.status in WAITING else "",
-                "next_appointment": st.next_appointment.isoformat() if st.next_appointment else "",
-                "contact_name": (role or {}).get("name") or "", "contact_role": (role or {}).get("role") or "",
-                "contact_email": (role or {}).get("email") or "",
-                "transition": "yes" if ref["transition"] else "",
+            canonical = {
+                "pupil": {"upn": plain["upn"], "surname": plain["surname"], "forename": plain["forename"]},
+                "trust_ods": trust,
+                "referral": {
+                    "received": ref["received"].isoformat() if ref["received"] else None,
+                    "status": st.status.value, "reason_code": st.reason_code,
+                    "days_waiting": (feed_date - ref["received"]).days if ref["received"] else None,
+                    "next_appointment": st.next_appointment.isoformat() if st.next_appointment else None,
+                    "contact": {"name": (role or {}).get("name"), "role": (role or {}).get("role"),
+                                "email": (role or {}).get("email")},
+                    "transition": bool(ref["transition"]),
+                },
             }
-            row = {"upn": plain["upn"], "surname": plain["surname"], "forename": plain["forename"],
-                   "trust_ods": trust}
-            for item, cols in ITEM_COLUMNS.items():
-                for c in cols:
-                    row[c] = full[c] if item in allowed else ""
-            h = hashlib.sha256(json.dumps(row, sort_keys=True).encode()).hexdigest()
+            cm = mappings.compile(FEED_MAPPING, allowed)
+            mapped, sent_items = cm.run_with_items(canonical, record_key=key)
+            row = {c: mapped.get(c, "") for c in COLUMNS if c != "changed"}
+            h = hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()
             prev_hash, prev_date = previous.get((key, trust), (None, None))
             row["changed"] = "new" if prev_hash is None else ("changed" if prev_hash != h else "")
-            # Every allowed item counts: even an empty column tells the school the referral exists.
             disclosures.append(Disclosure(
                 run_id=run_id, dag_id="school_feeds", direction=Direction.TRUST_TO_SCHOOL,
-                recipient=f"URN:{urn}", subject_key=key, data_items=tuple(sorted(allowed)),
+                recipient=f"URN:{urn}", subject_key=key, data_items=tuple(sorted(set(sent_items))),
                 agreement_id=agreement.id, agreement_version=agreement.version, consent_id=consent_id,
-                mapping_version=f"feed-v{FEED_VERSION}", content_hash=h,
+                mapping_version=cm.version, content_hash=h,
             ))
             state.append({"school_urn": urn, "learner_key": key, "trust_ods": trust, "content_hash": h,
                           "feed_date": feed_date, "prev_hash": prev_hash, "prev_date": prev_date})

@@ -1,7 +1,7 @@
-"""A trust's referral, episode and appointments -> the status a school reads, in plain English.
+"""A trust's referral, episode and appointments -> the canonical status of the referral tonight.
 
-The labels are code tables in `mappings/code-tables/`; the feeds issue adds per-trust signposting
-("where else to go").
+What the school reads for each status and reason comes from the feed-row mapping and its code tables
+(`mappings/feed-out/`, `mappings/code-tables/`); the feeds issue adds per-trust signposting.
 """
 
 from __future__ import annotations
@@ -10,23 +10,7 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-from schoolslink.errors import ConfigurationError
-from schoolslink.mapping.engine import MAPPINGS_DIR, CodeTable, _load_table
 from schoolslink.model import ReferralStatus
-
-
-def _tables() -> dict[str, CodeTable]:
-    root = MAPPINGS_DIR / "code-tables"
-    return {t.name: t for t in (_load_table(p) for p in sorted(root.glob("*.yaml")))}
-
-
-_T = _tables()
-_missing = {s.value for s in ReferralStatus} - set(_T["referral-status"].codes)
-if _missing:
-    raise ConfigurationError(f"{_T['referral-status'].path}: no label for {', '.join(sorted(_missing))}")
-PLAIN = {s: str(_T["referral-status"].codes[s.value]) for s in ReferralStatus}
-REJECTION = _T["mhsds-referral-rejection-reason"]
-CLOSURE = _T["mhsds-referral-closure-reason"]
 
 WAITING = {ReferralStatus.RECEIVED, ReferralStatus.BEING_ASSESSED, ReferralStatus.ACCEPTED_WAITING}
 
@@ -35,7 +19,6 @@ WAITING = {ReferralStatus.RECEIVED, ReferralStatus.BEING_ASSESSED, ReferralStatu
 class SchoolStatus:
     status: ReferralStatus
     reason_code: str | None
-    reason_text: str | None
     first_contact: date | None
     next_appointment: date | None
 
@@ -68,10 +51,5 @@ def derive(referral: dict[str, Any], episodes: list[dict[str, Any]], appointment
         st, code = ReferralStatus.BEING_ASSESSED, None
     else:
         st, code = ReferralStatus.RECEIVED, None
-    text = None
-    if st is ReferralStatus.NOT_ACCEPTED and code:
-        text = REJECTION.lookup(code)
-    elif code:
-        text = CLOSURE.lookup(code)
-    return SchoolStatus(st, code, text, first, nxt if st not in {ReferralStatus.NOT_ACCEPTED,
-                                                                ReferralStatus.DISCHARGED} else None)
+    return SchoolStatus(st, code, first, nxt if st not in {ReferralStatus.NOT_ACCEPTED,
+                                                          ReferralStatus.DISCHARGED} else None)
