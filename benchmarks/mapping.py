@@ -12,6 +12,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -25,38 +26,39 @@ def _records(n_learners: int) -> list[dict[str, Any]]:
     } for i in range(n_learners)]
 
 
-def fast(records: list[dict[str, Any]]) -> tuple[int, float]:
+def _timed(records: list[dict[str, Any]], check_one: Callable[[dict[str, Any]], bool]) -> tuple[int, float]:
+    """Map every record with the compiled mapping and check each resource; (resources, seconds)."""
     from schoolslink.mapping.engine import load_mappings
-    from schoolslink.mapping.ukcore import check
 
     cm = load_mappings().compile("school-context-observations")
     t0 = time.perf_counter()
     n = 0
     for rec in records:
         for r in cm.run(rec).get("resources", ()):
-            if check(r):
+            if not check_one(r):
                 raise SystemExit("a good record was refused")
             n += 1
     return n, time.perf_counter() - t0
+
+
+def fast(records: list[dict[str, Any]]) -> tuple[int, float]:
+    """The compiled mapping and the fast UK Core check, as runs use them."""
+    from schoolslink.mapping.ukcore import check
+
+    return _timed(records, lambda r: not check(r))
 
 
 def baseline(records: list[dict[str, Any]]) -> tuple[int, float]:
-    """The obvious way: build each Observation as an R4B model, record by record, and validate it."""
+    """The obvious way: build each Observation as an R4B model, record by record, then the UK Core rules."""
     from fhir.resources.R4B.observation import Observation
 
-    from schoolslink.mapping.engine import load_mappings
     from schoolslink.mapping.ukcore import ukcore_rules
 
-    cm = load_mappings().compile("school-context-observations")
-    t0 = time.perf_counter()
-    n = 0
-    for rec in records:
-        for r in cm.run(rec).get("resources", ()):
-            Observation.model_validate(r)
-            if ukcore_rules(r):
-                raise SystemExit("a good record was refused")
-            n += 1
-    return n, time.perf_counter() - t0
+    def slow(r: dict[str, Any]) -> bool:
+        Observation.model_validate(r)
+        return not ukcore_rules(r)
+
+    return _timed(records, slow)
 
 
 def main() -> int:
