@@ -223,13 +223,15 @@ def _stage_feed(urn: str, feed_date: date, rows: list[dict[str, Any]], agreement
                                  "trust_link_worker_email": t.link_worker_email,
                                  "school_link_contact": sc[0] if sc else None,
                                  "school_link_contact_email": sc[1] if sc else None})
-    doc = {"feed_version": FEED_VERSION, "school_urn": urn, "date": feed_date.isoformat(),
+    version = load_mappings().get(FEED_MAPPING).version
+    doc = {"feed_version": FEED_VERSION, "mapping_version": version, "school_urn": urn, "date": feed_date.isoformat(),
            "link_contacts": contacts, "trusts": trusts, "rows": public}
     json_bytes = json.dumps(doc, indent=1).encode("utf-8")
     (tmp / "feed.csv").write_bytes(csv_bytes)
     (tmp / "feed.json").write_bytes(json_bytes)
     manifest = {
         "school_urn": urn, "date": feed_date.isoformat(), "run_id": run_id, "rows": len(public),
+        "mapping_version": version,
         "files": {
             "feed.csv": {"sha256": hashlib.sha256(csv_bytes).hexdigest(), "bytes": len(csv_bytes)},
             "feed.json": {"sha256": hashlib.sha256(json_bytes).hexdigest(), "bytes": len(json_bytes)},

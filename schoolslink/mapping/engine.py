@@ -277,9 +277,26 @@ def _load_table(path: Path) -> CodeTable:
                      {str(k): v for k, v in doc["codes"].items()}, path, _digest(path))
 
 
+_LOADED: dict[Path, tuple[tuple[tuple[str, int, int], ...], MappingSet]] = {}
+
+
 def load_mappings(root: Path | None = None) -> MappingSet:
-    """Load and check every mapping, fragment and code table under `root` (default: mappings/)."""
-    root = root or MAPPINGS_DIR
+    """Every mapping, fragment and code table under `root` (default: mappings/), loaded and checked once.
+
+    Kept while no file under `root` changes, so compiled mappings are reused across a run's batches.
+    """
+    root = (root or MAPPINGS_DIR).resolve()
+    files = sorted(root.rglob("*.yaml"))
+    signature = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+    hit = _LOADED.get(root)
+    if hit is not None and hit[0] == signature:
+        return hit[1]
+    ms = _load_mappings(root)
+    _LOADED[root] = (signature, ms)
+    return ms
+
+
+def _load_mappings(root: Path) -> MappingSet:
     tables: dict[str, CodeTable] = {}
     fragments: dict[str, Fragment] = {}
     mappings: dict[str, Mapping] = {}
