@@ -124,6 +124,24 @@ def cmd_mappings_test(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_mis_check(args: argparse.Namespace) -> int:
+    from schoolslink.mischeck import check_file
+
+    files = [check_file(Path(f)) for f in args.files]
+    if args.json:
+        print(json.dumps({"files": files}))
+    else:
+        for f in files:
+            what = f"{f['format'] or '?'} {f['version'] or ''}".strip()
+            if f["status"] == "rejected":
+                print(f"REJECTED {f['path']} ({what}): {f['reason']}")
+            else:
+                print(f"accepted {f['path']} ({what}): {f['pupils']} pupils, {len(f['quarantined'])} quarantined")
+                for q in f["quarantined"]:
+                    print(f"    {q['record']}: {q['reason']}")
+    return 1 if any(f["status"] == "rejected" for f in files) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="schoolslink", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -161,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     av = ausub.add_parser("verify", help="recompute the ledger's hash chain")
     av.add_argument("--json", action="store_true")
     av.set_defaults(func=cmd_audit_verify)
+
+    mi = sub.add_parser("mis", help="school MIS exports")
+    misub = mi.add_subparsers(dest="mis_command", required=True)
+    mc = misub.add_parser("check", help="read MIS exports without sending anything (exit 1 if a file is rejected)")
+    mc.add_argument("files", nargs="+")
+    mc.add_argument("--json", action="store_true")
+    mc.set_defaults(func=cmd_mis_check)
 
     mp = sub.add_parser("mappings", help="declarative mappings")
     msub = mp.add_subparsers(dest="mappings_command", required=True)
