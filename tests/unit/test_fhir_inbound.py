@@ -190,3 +190,150 @@ def test_rejected_or_deny_is_a_refusal_and_odd_provisions_are_refused() -> None:
 def test_a_consent_for_a_patient_not_held_here_yields_no_record() -> None:
     row = fin.canonical("Consent", consent())
     assert row is not None and fin.consent_records(row, {}, "R9X") == []
+
+
+# The declarative readers (mappings/fhir-in) ------------------------------------------------------------------
+
+
+def test_each_type_is_read_by_its_mapping_with_golden_tests_beside_it() -> None:
+    from schoolslink.mapping.engine import MAPPINGS_DIR, load_mappings
+    from schoolslink.mapping.goldens import run_goldens
+
+    ms = load_mappings(MAPPINGS_DIR / "fhir-in")
+    assert {spec[0] for spec in fin.MAPPINGS.values()} == set(ms.mappings)
+    results = run_goldens(ms)
+    assert results and all(r.ok for r in results), [r.message for r in results if not r.ok]
+    # The readers keep their public names (tools and tests call them directly).
+    assert fin.READERS == {"Patient": fin.patient, "ServiceRequest": fin.service_request,
+                           "EpisodeOfCare": fin.episode_of_care, "Appointment": fin.appointment,
+                           "PractitionerRole": fin.practitioner_role, "Consent": fin.consent}
+
+
+def test_the_mappings_name_the_systems_and_extensions_the_pipeline_uses() -> None:
+    from schoolslink import constants as c
+    from schoolslink.mapping.engine import MAPPINGS_DIR
+
+    text = {p.stem: p.read_text() for p in (MAPPINGS_DIR / "fhir-in").glob("*.yaml") if ".tests" not in p.name}
+    uses = {
+        "fhir-patient-match": [c.NHS_NUMBER_SYSTEM, c.NHS_NUMBER_VERIFICATION_EXT, c.EDUCATIONAL_ESTABLISHMENT_EXT,
+                               c.SCHOOL_URN_SYSTEM],
+        "fhir-service-request-referral": [c.TEAM_TYPE_EXT, c.REJECTION_REASON_EXT, c.CLOSURE_REASON_EXT,
+                                          c.TRANSITION_EXT, f'"{c.CLOSURE_MOVED_AREA}"'],
+        "fhir-consent": [c.SCHOOL_URN_SYSTEM, c.PURPOSE_SYSTEM],
+    }
+    for mapping, values in uses.items():
+        for v in values:
+            assert v in text[mapping], (mapping, v)
+
+
+@pytest.mark.parametrize("status", ["active", "inactive", "rejected", "draft", "proposed", "entered-in-error", ""])
+def test_the_consent_mapping_yields_a_row_for_exactly_the_statuses_used(status: str) -> None:
+    row = fin.canonical("Consent", consent(status=status))
+    assert (row is not None) is (status in fin.CONSENT_STATUSES_USED)
+
+
+def test_rows_have_every_column_and_dates_as_dates() -> None:
+    sr = {"resourceType": "ServiceRequest", "id": "s", "subject": {"reference": "Patient/1"},
+          "authoredOn": "2026-09-01T10:00:00+01:00"}
+    row = fin.canonical("ServiceRequest", sr)
+    assert row == {"referral_ref": "ServiceRequest/s", "patient_ref": "Patient/1", "fhir_status": "unknown",
+                   "received": date(2026, 9, 1), "team_type": None, "rejection_reason": None, "closure_reason": None,
+                   "transition": False, "moved_area": False, "performer_ref": None, "version_id": None}
+    assert list(row) == list(fin.MAPPINGS["ServiceRequest"][1])
+    eoc = {"resourceType": "EpisodeOfCare", "id": "e", "status": "finished", "referralRequest": [{"reference": "x"}],
+           "period": {"start": "2026-09-01", "end": "2026-10-01T09:00:00Z"}}
+    assert fin.canonical("EpisodeOfCare", eoc) == {
+        "episode_ref": "EpisodeOfCare/e", "referral_ref": "x", "fhir_status": "finished", "start": date(2026, 9, 1),
+        "end": date(2026, 10, 1), "care_manager_ref": None}
+    row = fin.canonical("Consent", consent(provision={"type": "permit", "actor": [
+        {"reference": {"identifier": {"system": SCHOOL_URN_SYSTEM, "value": "900001"}}}]}))
+    assert row is not None and row["purposes"] == [] and row["valid_from"] == date(2026, 9, 1)
+
+
+@pytest.mark.parametrize(("rtype", "res", "field"), [
+    ("Patient", patient(birthDate="2013-02-30"), "birthDate"),
+    ("Patient", patient(nhs=""), "identifier"),
+    ("EpisodeOfCare", {"resourceType": "EpisodeOfCare", "id": "e", "referralRequest": [{"reference": "x"}],
+                       "period": {"end": "9990000018"}}, "period.end"),
+    ("Appointment", {"resourceType": "Appointment", "id": "a", "basedOn": [{"reference": "ServiceRequest/1"}],
+                     "start": "9990000018"}, "start"),
+    ("Consent", consent(provision={"type": "permit", "period": {"start": "2026-13-01"}, "actor": [
+        {"reference": {"identifier": {"system": SCHOOL_URN_SYSTEM, "value": "900001"}}}]}), "provision.period.start"),
+    ("Consent", consent(patient={"reference": "Group/9990000018"}), "patient"),
+])
+def test_a_field_the_mapping_cannot_read_is_named_never_its_value(rtype: str, res: dict[str, object],
+                                                                  field: str) -> None:
+    with pytest.raises(fin.InboundError) as exc:
+        fin.canonical(rtype, res)
+    assert exc.value.field == field and "9990000018" not in str(exc.value) and "2013-02-30" not in str(exc.value)
+
+
+def test_an_episode_or_appointment_with_no_referral_is_not_read_even_with_a_bad_date() -> None:
+    assert fin.canonical("EpisodeOfCare", {"resourceType": "EpisodeOfCare", "id": "e",
+                                           "period": {"start": "x"}}) is None
+    assert fin.canonical("Appointment", {"resourceType": "Appointment", "id": "a", "start": "x",
+                                         "basedOn": [{"reference": "CarePlan/1"}]}) is None
+
+
+# Fail closed on resources not shaped as R4 says (the mappings read a wrongly-typed element as absent) ----------
+
+
+@pytest.mark.parametrize("meta", [{"security": {"code": "R"}}, {"security": ["R"]}, ["R"], "R"])
+def test_a_patient_whose_security_labels_cannot_be_read_is_refused_not_taken_as_unrestricted(meta: object) -> None:
+    with pytest.raises(fin.InboundError) as exc:
+        fin.canonical("Patient", patient(meta=meta))
+    assert exc.value.field == "meta.security"
+
+
+@pytest.mark.parametrize("provision", [
+    ["permit"],
+    {"type": "deny", "actor": {"reference": {"identifier": {"system": SCHOOL_URN_SYSTEM, "value": "900001"}}}},
+    {"type": "deny", "actor": ["900001"]},
+    {"type": "deny", "actor": [{"reference": "Organization/school"}]},
+])
+def test_a_consent_whose_schools_cannot_be_read_is_refused_so_its_stored_refusals_stay(provision: object) -> None:
+    # Read as absent, these would make a refusal "no decision" and forget it: refused instead (sync keeps refusals
+    # of a Consent it cannot read).
+    with pytest.raises(fin.InboundError) as exc:
+        fin.canonical("Consent", consent(status="rejected", provision=provision))
+    assert exc.value.field == "structure"
+
+
+@pytest.mark.parametrize("provision", [
+    {"type": "deny", "period": ["2026-09-02"], "actor": [
+        {"reference": {"identifier": {"system": SCHOOL_URN_SYSTEM, "value": "900001"}}}]},
+    {"type": "deny", "purpose": {"system": PURPOSE_SYSTEM, "code": "cypmhs-school-support"}, "actor": [
+        {"reference": {"identifier": {"system": SCHOOL_URN_SYSTEM, "value": "900001"}}}]},
+])
+def test_a_consent_whose_period_or_purposes_cannot_be_read_is_refused(provision: object) -> None:
+    with pytest.raises(fin.InboundError) as exc:
+        fin.canonical("Consent", consent(provision=provision))
+    assert exc.value.field == "structure"
+    # ...but a Consent that is no decision is still no decision (forgotten), whatever its period.
+    assert fin.canonical("Consent", consent(status="draft", provision=provision)) is None
+
+
+@pytest.mark.parametrize(("rtype", "res"), [
+    ("ServiceRequest", {"resourceType": "ServiceRequest", "id": "s", "subject": {"reference": "Patient/1"},
+                        "status": {"code": "active"}}),
+    ("ServiceRequest", {"resourceType": "ServiceRequest", "id": "s", "subject": {"reference": "Patient/1"},
+                        "performer": [{"reference": ["PractitionerRole/1"]}]}),
+    ("Patient", patient(extension=[{"url": EDUCATIONAL_ESTABLISHMENT_EXT,
+                                    "valueIdentifier": {"system": SCHOOL_URN_SYSTEM, "value": ["900001"]}}])),
+    ("PractitionerRole", {"resourceType": "PractitionerRole", "id": "r", "practitioner": {"display": 7}}),
+])
+def test_an_object_or_number_where_r4_has_text_is_refused_never_stored(rtype: str, res: dict[str, object]) -> None:
+    with pytest.raises(fin.InboundError) as exc:
+        fin.canonical(rtype, res)
+    assert exc.value.field == "structure" and str(exc.value) == f"{rtype} is not shaped as UK Core R4 expects"
+
+
+def test_the_fhir_functions_are_the_ones_registered_and_cannot_be_registered_twice() -> None:
+    from schoolslink.mapping import functions, functions_fhir
+
+    names = ["fhir_date", "fhir_ref", "fhir_required", "fhir_reference", "fhir_reference_tail", "fhir_first_reference",
+             "fhir_one_of", "patient_key", "match_hash", "is_restricted", "fhir_school_urns", "consent_giver"]
+    for name in names:  # nothing imported later (functions_mis, ...) has replaced one
+        assert functions.REGISTRY[name].fn is getattr(functions_fhir, name), name
+    with pytest.raises(RuntimeError, match="registered twice"):
+        functions_fhir._register("fhir_date", 1)
