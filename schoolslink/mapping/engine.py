@@ -544,6 +544,11 @@ class _Checker:
 _EMPTY: tuple[Any, ...] = (None, "", [], {})
 
 
+def _ident(name: str) -> str:
+    """A registered function's name as a Python identifier in generated code."""
+    return re.sub(r"[^0-9A-Za-z_]", "_", name)
+
+
 def _constant(n: Any) -> bool:
     if isinstance(n, dict):
         return all(not k.startswith("$") and _constant(v) for k, v in n.items())
@@ -621,9 +626,10 @@ class _Compiler:
         out = self.value(self.m.template, 1, "src")
         self.emit(1, f"return ({out} if {out} is not None else {{}}), items")
         src = "def mapped(src, ctx):\n" + "\n".join(self.lines) + "\n"
-        ns: dict[str, Any] = {"FN": {k: f.fn for k, f in functions.REGISTRY.items()},
-                              "TB": {k: t.lookup for k, t in self.ms.tables.items()},
-                              "EMPTY": _EMPTY, **self.consts}
+        ns: dict[str, Any] = {f"F_{_ident(k)}": f.fn for k, f in functions.REGISTRY.items()}
+        if len(ns) != len(functions.REGISTRY):
+            raise ConfigurationError("two registered function names differ only by punctuation")
+        ns.update({"TB": {k: t.lookup for k, t in self.ms.tables.items()}, "EMPTY": _EMPTY, **self.consts})
         code = compile(src, f"<mapping {self.m.name}>", "exec")
         exec(code, ns)  # noqa: S102 - source generated from a checked template, never from input data
         fn: Callable[[Any, dict[str, Any]], tuple[dict[str, Any], list[str]]] = ns["mapped"]
@@ -687,7 +693,7 @@ class _Compiler:
         if "$fn" in n:
             args = [self.value(a, ind, src) for a in n.get("$args", [])]
             t = self.tmp()
-            self.emit(ind, f"{t} = FN[{n['$fn']!r}]({', '.join(args)})")
+            self.emit(ind, f"{t} = F_{_ident(n['$fn'])}({', '.join(args)})")
             return t
         if "$table" in n:
             v = self.value(n["$of"], ind, src)
@@ -737,11 +743,20 @@ class _Compiler:
         else:
             k, v = arg
             keys = k.split(".")
-            getter = "x"
+            x = self.tmp()
+            getter = x
             for kk in keys:
                 getter = f"({getter}.get({kk!r}) if isinstance({getter}, dict) else None)"
-            self.emit(ind, f"{t} = next((x for x in {t} if {getter} == {v!r}), None) "
-                           f"if isinstance({t}, list) else None")
+            # a plain loop: cheaper than next() over a generator, and this runs for every record
+            self.emit(ind, f"if isinstance({t}, list):")
+            self.emit(ind + 1, f"for {x} in {t}:")
+            self.emit(ind + 2, f"if {getter} == {v!r}:")
+            self.emit(ind + 3, f"{t} = {x}")
+            self.emit(ind + 3, "break")
+            self.emit(ind + 1, "else:")
+            self.emit(ind + 2, f"{t} = None")
+            self.emit(ind, "else:")
+            self.emit(ind + 1, f"{t} = None")
 
     def cond(self, c: Any, ind: int, src: str) -> str:
         op, arg = next(iter(c.items()))
