@@ -1,12 +1,21 @@
 """Read DfE Common Transfer Files (CTF XML) into canonical `Learner`s (docs/formats.md is the contract).
 
-A file is read in one streaming pass with constant memory (apart from the set of UPNs already seen, for the
-duplicate check): lxml's pull parser (the machinery `etree.iterparse` is built on; feeding it ourselves tells
-an error at the end of the input, i.e. truncation, from one inside it) with `resolve_entities=False,
-no_network=True, load_dtd=False, huge_tree=False`, reporting only the end of `Header` and `Pupil` elements;
-each pupil becomes a Learner (or is quarantined) and is then freed with its processed siblings. Before that
-pass a short sniff reads only up to the root's start tag, so a file that is not XML, has a DTD, or whose
-root is not CTfile is refused at once, whatever its size. Unknown elements are ignored.
+Two layers. This module is the hardened streaming parser: a file is read in one pass with constant memory
+(apart from the set of UPNs already seen, for the duplicate check): lxml's pull parser (the machinery
+`etree.iterparse` is built on; feeding it ourselves tells an error at the end of the input, i.e. truncation,
+from one inside it) with `resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False`,
+reporting only the end of `Header` and `Pupil` elements; each pupil is turned into a plain nested dict of its
+element values (`element_values`: element names as keys, text with outer white space removed, repeated
+elements such as FormerUPN, SEN, Contact, Phone, YearData and Exclusion as lists), checked, and then freed
+with its processed siblings. Before that pass a short sniff reads only up to the root's start tag, so a file
+that is not XML, has a DTD, or whose root is not CTfile is refused at once, whatever its size.
+
+How those values become canonical learner fields is the declarative mapping `mappings/mis-in/ctf-learner.yaml`
+(with the `ctf-sex-codes` and `ctf-sex` code tables and the functions in schoolslink/mapping/functions_mis.py),
+given the Header's `school_urn`, `ctf_version`, `ctf_major` and `file_date` as run variables: a data engineer
+changes it, and its golden tests, without Python. Its output must be Learner's fields (flags nested): a
+mapping that names anything else, or misses a required field, is a ConfigurationError when a file is read.
+Elements the mapping does not use are ignored.
 
 What happens to bad input (DESIGN.md, "Bad input"):
 
@@ -21,15 +30,24 @@ What happens to bad input (DESIGN.md, "Bad input"):
   unreliable (undefined entities), a scan of the file; "truncated" means the parser hit the end of the
   input and the file does not end with the CTfile end tag.
 - A bad *record* is quarantined (`Quarantined`: position `pupil#N`, the field, a reason; never the UPN or a
-  name) and the rest of the file goes on: a missing, malformed or wrong-check-letter UPN, a UPN already used
-  by an earlier pupil in the file (the later ones are quarantined and the reason names the first), missing
-  names, a DOB that is missing, not a date or after the file's date, a Sex/Gender that is not M, F or U
-  (O is read as U), an unreadable LeavingDate, or an unreadable LookedAfter/InCare or AdoptedFromCare
-  (those flags decide who may see a record, so they are never guessed).
-- A bad *optional item* is dropped with a `CtfWarning`, and the learner is kept: an NHS number that fails
-  the modulus-11 check, a ULN that fails its check digit, a FormerUPN that fails the UPN check (former UPNs
-  are only ever taken as the file states them, never inferred), unreadable attendance figures, an
-  unrecognised SEN provision code (kept as stated, with a warning).
+  name) and the rest of the file goes on. The reader checks, before the mapping runs: a missing, malformed
+  or wrong-check-letter UPN, a UPN already used by an earlier pupil in the file (the later ones are
+  quarantined and the reason names the first), missing names, a DOB that is missing, not a date or after
+  the file's date, no Sex or Gender, an unreadable LeavingDate, or an unreadable LookedAfter/InCare or
+  AdoptedFromCare (those flags decide who may see a record, so they are never guessed). Every problem found
+  goes in one reason. A Sex/Gender code the mapping's code tables do not list (their `quarantine` policy:
+  anything but M, F, U or O, in either case; O is read as U) is reported among them as "Sex is not one of M,
+  F or U"; any other mapping error (`MappingError`, `UnmappedCode`) quarantines the record too, with the
+  mapping's value-free reason.
+- A bad *optional item* is dropped by the mapping, and the reader adds a `CtfWarning` and keeps the learner:
+  an NHS number that fails the modulus-11 check, a ULN that fails its check digit, a FormerUPN that fails
+  the UPN check (former UPNs are only ever taken as the file states them, never inferred), an FSMeligible
+  that is not true or false, unreadable attendance figures, and a SEN provision that is not a code of the
+  `ctf-sen-provision` table (kept as stated, with a warning).
+
+Text is read with outer white space removed, so an element holding only white space is read as empty: a
+`<Sex> </Sex>` beside a `<Gender>` reads the Gender, and a `<LookedAfter><InCare> </InCare>` is not stated
+(false), as an empty one is.
 
 Because the pass streams, a refusal can come after some pupils were yielded by `iter_learners`: its callers
 must discard everything they got from that file when `CtfRefused` is raised. `read` collects first and so
@@ -49,17 +67,15 @@ import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from typing import IO, Any, Final, TypeAlias
 
 from lxml import etree
 
 from connectors.mis.errors import CtfRefused
-from schoolslink.identifiers import (
-    is_valid_nhs_number,
-    is_valid_uln,
-    is_valid_upn,
-    normalise_nhs_number,
-)
+from schoolslink.errors import ConfigurationError
+from schoolslink.identifiers import is_valid_upn
+from schoolslink.mapping.engine import CompiledMapping, MappingError, MappingSet, UnmappedCode, load_mappings
 from schoolslink.model import Learner, LearnerFlags
 
 ACCEPTED_CTF_VERSIONS: Final[tuple[str, ...]] = ("24", "25")
@@ -81,9 +97,7 @@ _PRESCAN = 1 << 16
 _VERSION_RE = re.compile(r"(\d{1,3})(?:\.\d{1,3})?")
 _URN_RE = re.compile(r"\d{6}")
 _UPN_SHAPE_RE = re.compile(r"[A-Z]\d{11}[0-9ABCDEFGHJKLMNPQRTUVWXYZ]")
-_SEX_CODES: Final = {"M": "M", "F": "F", "U": "U", "O": "U"}
-_SEN_CODES: Final = frozenset({"E", "K", "N", "S"})
-_FIXED_EXCLUSION: Final = frozenset({"FIXD", "SUSP"})
+_SEN_CODES: Final = frozenset({"E", "K", "N", "S"})  # when the mappings have no ctf-sen-provision table
 _BOOL: Final = {"true": True, "1": True, "false": False, "0": False}
 
 _DTD_REASON: Final = "file declares a DTD or entities; CTF files never do — refused as a possible XML entity attack"
@@ -186,12 +200,6 @@ def _iso_date(s: str) -> dt.date | None:
         return dt.date.fromisoformat(s)
     except ValueError:
         return None
-
-
-def _int(s: str) -> int | None:
-    if not s.isascii() or not s.isdigit():
-        return None
-    return int(s)
 
 
 def _children(el: Any) -> dict[str, Any]:
@@ -358,66 +366,92 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-# Pupil children we read. Leaves keep their text; containers keep the element; FormerUPN repeats.
-(
-    _UPN,
-    _ULN,
-    _SURNAME,
-    _FORENAME,
-    _MIDDLE,
-    _PREF_SURNAME,
-    _PREF_FORENAME,
-    _DOB,
-    _SEX,
-    _GENDER,
-    _ADOPTED,
-    _LEAVING,
-) = range(12)
-_FIRST_CONTAINER = 12
-(_BASIC, _LAC, _SEN, _ADDRESS, _CONTACTS, _ATTENDANCE, _EXCLUSIONS) = range(_FIRST_CONTAINER, 19)
-_NSLOTS = 19
-_FORMER = 99
-_PUPIL_SLOTS: Final = {
-    "UPN": _UPN,
-    "UniqueLearnerNumber": _ULN,
-    "Surname": _SURNAME,
-    "Forename": _FORENAME,
-    "MiddleNames": _MIDDLE,
-    "PreferredSurname": _PREF_SURNAME,
-    "PreferredForename": _PREF_FORENAME,
-    "DOB": _DOB,
-    "Sex": _SEX,
-    "Gender": _GENDER,
-    "AdoptedFromCare": _ADOPTED,
-    "LeavingDate": _LEAVING,
-    "BasicDetails": _BASIC,
-    "LookedAfter": _LAC,
-    "SENhistory": _SEN,
-    "Address": _ADDRESS,
-    "Contacts": _CONTACTS,
-    "Attendance": _ATTENDANCE,
-    "Exclusions": _EXCLUSIONS,
-    "FormerUPN": _FORMER,
-}
-_ADDRESS_LINE_INDEX: Final = {
-    t: i for i, t in enumerate(("SAON", "PAON", "Street", "Locality", "Town", "AdministrativeArea", "PostTown"))
-}
-_ATTENDANCE_TAGS: Final = {
-    "SessionsPossible": 0,
-    "AttendanceSessions": 1,
-    "SessionsAuthorised": 2,
-    "SessionsUnauthorised": 3,
-}
+# Layer 1: a pupil's element values -----------------------------------------------------------------------
+
+# Elements that may repeat: always a list in a pupil's values, so a mapping sees one shape.
+REPEATED_ELEMENTS: Final = frozenset({"FormerUPN", "SEN", "Contact", "Phone", "YearData", "Exclusion"})
+
+
+def element_values(el: Any, _repeated: frozenset[str] = REPEATED_ELEMENTS) -> dict[str, Any]:
+    """An element's children as a plain nested dict: element names as keys; an element's text with outer white
+    space removed ("" when it has none); an element holding elements (and no text of its own) as a dict;
+    `REPEATED_ELEMENTS` as lists. Attributes are ignored; of two same-named children not in REPEATED_ELEMENTS
+    the last wins. Comments and PIs are removed by the parser, so every child is an element."""
+    d: dict[str, Any] = {}
+    for c in el.getchildren():  # a list made in C: cheaper than iterating the element
+        t = c.text
+        if t is None:
+            v: Any = element_values(c) or ""
+        else:
+            v = t.strip()
+            if not v and len(c):  # white space before a child, where the parser kept it
+                v = element_values(c)
+        tag = c.tag
+        if tag in _repeated:
+            same = d.get(tag)
+            if same is None:
+                d[tag] = [v]
+            else:
+                same.append(v)
+        else:
+            d[tag] = v
+    return d
+
+
+# Layer 2: the ctf-learner mapping -----------------------------------------------------------------------------
+
+LEARNER_MAPPING: Final = "ctf-learner"
+_SEX_TABLES: Final = frozenset({"ctf-sex", "ctf-sex-codes"})  # an unknown code here: "Sex is not one of ..."
+_SEN_TABLE: Final = "ctf-sen-provision"  # its codes are the SEN provisions read without a warning
+_REQUIRED_FIELDS: Final = ("upn", "school_urn", "surname", "forename", "dob", "sex")
+_LEARNER_FIELDS: Final = frozenset(f.name for f in dataclass_fields(Learner))
+_FLAG_FIELDS: Final = frozenset(f.name for f in dataclass_fields(LearnerFlags))
+_UNMAPPED_TABLE_RE = re.compile(r"code table (\S+) has no entry")
+
+
+@dataclass(frozen=True, slots=True)
+class _LearnerMapping:
+    compiled: CompiledMapping
+    sen_codes: frozenset[str]
+    variables: frozenset[str]  # the names it declares under let: the only run variables it can read
+
+
+def _learner_mapping(ms: MappingSet | None) -> _LearnerMapping:
+    """The compiled ctf-learner mapping, its output checked against Learner (ConfigurationError if it cannot
+    make one): `load_mappings()` keeps what it loaded while no mapping file changes, so this is cheap."""
+    ms = ms if ms is not None else load_mappings()
+    cm = ms.compile(LEARNER_MAPPING)
+    m = cm.mapping
+    template = m.template
+    if not isinstance(template, dict):
+        raise ConfigurationError(f"{m.path}: the {m.name} template must be an object of learner fields")
+    unknown = sorted(k for k in template if not k.startswith("$") and k not in _LEARNER_FIELDS)
+    missing = [k for k in _REQUIRED_FIELDS if k not in template]
+    flags = template.get("flags")
+    if isinstance(flags, dict):
+        unknown += sorted(f"flags.{k}" for k in flags if not k.startswith("$") and k not in _FLAG_FIELDS)
+    if unknown or missing:
+        raise ConfigurationError(
+            f"{m.path}: the {m.name} template must fill Learner's fields: "
+            + "; ".join(([f"not Learner fields: {', '.join(unknown)}"] if unknown else [])
+                        + ([f"missing: {', '.join(missing)}"] if missing else []))
+        )
+    table = ms.tables.get(_SEN_TABLE)
+    return _LearnerMapping(cm, frozenset(table.codes) if table is not None else _SEN_CODES,
+                           frozenset(name for name, _expr in m.lets))
 
 
 class CtfReader:
     """Reads CTF XML files; see the module docstring for what is refused, quarantined and warned about."""
 
-    def __init__(self, accepted_versions: Iterable[str] | None = None) -> None:
+    def __init__(self, accepted_versions: Iterable[str] | None = None, *, mappings: MappingSet | None = None) -> None:
+        """`mappings`: where the ctf-learner mapping comes from (default: `load_mappings()`, read again for each
+        file when a mapping file has changed)."""
         if accepted_versions is None:
             self._versions = configured_ctf_versions()
         else:
             self._versions = _parse_versions(accepted_versions, "accepted_versions")
+        self._mappings = mappings
 
     @property
     def accepted_versions(self) -> tuple[str, ...]:
@@ -453,10 +487,11 @@ class CtfReader:
         Raises CtfRefused for a bad file, possibly after some items were yielded (the file is only known to
         be whole at its end): a caller must then discard everything it received from this file.
         """
+        mapping = _learner_mapping(self._mappings)  # a broken mapping is a ConfigurationError, not the file's
         with open(path, "rb") as f:
             _sniff(f)
             f.seek(0)
-            yield from _FileReader(self._versions).run(f)
+            yield from _FileReader(self._versions, mapping).run(f)
 
 
 def iter_learners(path: str | os.PathLike[str], accepted_versions: Iterable[str] | None = None) -> Iterator[CtfItem]:
@@ -467,8 +502,14 @@ def iter_learners(path: str | os.PathLike[str], accepted_versions: Iterable[str]
 class _FileReader:
     """State of one pass over one file."""
 
-    def __init__(self, versions: tuple[str, ...]) -> None:
+    def __init__(self, versions: tuple[str, ...], mapping: _LearnerMapping) -> None:
         self.versions = versions
+        self.compiled = mapping.compiled
+        self.mapped = mapping.compiled.fn
+        self.variables = mapping.variables
+        self.sen_codes = mapping.sen_codes
+        self.context: dict[str, Any] = {}  # the mapping's run variables, from the Header
+        self.run_context: dict[str, Any] = {}  # the same with mapping_version, as run() gives it
         self.header: CtfHeader | None = None
         self.urn = ""
         self.file_date: dt.date | None = None
@@ -585,30 +626,29 @@ class _FileReader:
         self.header = header
         self.urn = urn
         self.file_date = stamp.date() if stamp is not None else None
+        self.context = {
+            "school_urn": urn,
+            "ctf_version": version,
+            "ctf_major": header.major_version,
+            "file_date": self.file_date.isoformat() if self.file_date is not None else None,
+        }
+        # What run() would give the compiled mapping, less the variables it does not declare (a smaller dict
+        # to copy for each record).
+        self.run_context = {"mapping_version": self.compiled.version}
+        self.run_context.update((k, v) for k, v in self.context.items() if k in self.variables)
         return header
 
     # Pupil ----------------------------------------------------------------------------------------------
 
     def pupil(self, el: Any, pos: int) -> Learner | Quarantined:
-        v: list[Any] = [None] * _NSLOTS
-        formers: list[str | None] = []
-        get = _PUPIL_SLOTS.get
-        for child in el:
-            i = get(child.tag)
-            if i is None:
-                continue
-            if i < _FIRST_CONTAINER:
-                v[i] = child.text
-            elif i == _FORMER:
-                formers.append(child.text)
-            else:
-                v[i] = child
-
+        """Check a pupil's values (quarantining a bad record), map them with ctf-learner, warn of what was
+        dropped. Reasons and warnings give the position, never a value."""
+        d = element_values(el)
         problems: list[tuple[str, str]] = []
 
         # UPN: required, valid, unique in the file.
-        t = v[_UPN]
-        upn = t.strip().upper() if t else ""
+        t = d.get("UPN")
+        upn = t.upper() if type(t) is str else ""
         if not upn:
             problems.append(("UPN", "UPN is missing"))
         elif not is_valid_upn(upn):
@@ -625,173 +665,113 @@ class _FileReader:
             else:
                 problems.append(("UPN", f"duplicate UPN in file: the same UPN as pupil #{first}, which is kept"))
 
-        t = v[_SURNAME]
-        surname = t.strip() if t else ""
-        if not surname:
+        t = d.get("Surname")
+        if type(t) is not str or not t:
             problems.append(("Surname", "Surname is missing"))
-        t = v[_FORENAME]
-        forename = t.strip() if t else ""
-        if not forename:
+        t = d.get("Forename")
+        if type(t) is not str or not t:
             problems.append(("Forename", "Forename is missing"))
 
-        t = v[_DOB]
-        dob_s = t.strip() if t else ""
+        t = d.get("DOB")
+        dob_s = t if type(t) is str else ""
         dob = _iso_date(dob_s)
         if dob is None:
             problems.append(("DOB", "DOB is not a date (expected YYYY-MM-DD)" if dob_s else "DOB is missing"))
         elif self.file_date is not None and dob > self.file_date:
             problems.append(("DOB", "DOB is after the date the file was made"))
 
-        t = v[_SEX]
+        # Sex (CTF 25) wins over Gender (CTF 24). Whether the code is one we read is the mapping's code tables'
+        # say (their `quarantine` policy); its problem goes here, among the others, when it has one.
+        t = d.get("Sex")
         sex_field = "Sex"
-        if t is None and v[_GENDER] is not None:
-            t, sex_field = v[_GENDER], "Gender"
-            if not self.gender_warned and self._major() >= 25:
-                self.gender_warned = True
-                self.pending.append(
-                    CtfWarning("header", "Gender", "file uses Gender (CTF 24) instead of Sex; read as Sex")
-                )
-        sex_s = t.strip().upper() if t else ""
-        sex = _SEX_CODES.get(sex_s)
-        if not sex_s:
-            problems.append(("Sex", "Sex is missing"))
-        elif sex is None:
-            problems.append((sex_field, f"{sex_field} is not one of M, F or U"))
-
-        t = v[_LEAVING]
-        leaving_s = t.strip() if t else ""
-        leaving = _iso_date(leaving_s) if leaving_s else None
-        if leaving_s and leaving is None:
-            problems.append(("LeavingDate", "LeavingDate is not a date (expected YYYY-MM-DD)"))
-
-        looked_after = False
-        lac = v[_LAC]
-        if lac is not None:
-            for c in lac:
-                if c.tag == "InCare":
-                    t = c.text
-                    flag = _BOOL.get(t.strip().lower()) if t else False
-                    if flag is None:
-                        problems.append(("LookedAfter", "LookedAfter/InCare is not true or false"))
-                    else:
-                        looked_after = flag
-        adopted = False
-        t = v[_ADOPTED]
-        if t and t.strip():
-            flag = _BOOL.get(t.strip().lower())
-            if flag is None:
-                problems.append(("AdoptedFromCare", "AdoptedFromCare is not true or false"))
+        if type(t) is not str or not t:
+            t = d.get("Gender")
+            if type(t) is str and t:
+                sex_field = "Gender"
+                if not self.gender_warned and self._major() >= 25:
+                    self.gender_warned = True
+                    self.pending.append(
+                        CtfWarning("header", "Gender", "file uses Gender (CTF 24) instead of Sex; read as Sex")
+                    )
             else:
-                adopted = flag
+                t = ""
+        sex_stated = bool(t)
+        if not sex_stated:
+            problems.append(("Sex", "Sex is missing"))
+        sex_at = len(problems)
 
+        t = d.get("LeavingDate")
+        if type(t) is str and t and _iso_date(t) is None:
+            problems.append(("LeavingDate", "LeavingDate is not a date (expected YYYY-MM-DD)"))
+        # Who may see a record depends on these flags: never guessed.
+        t = d.get("LookedAfter")
+        if type(t) is dict:
+            t = t.get("InCare")
+            if type(t) is str and t and t.lower() not in _BOOL:
+                problems.append(("LookedAfter", "LookedAfter/InCare is not true or false"))
+        t = d.get("AdoptedFromCare")
+        if type(t) is str and t and t.lower() not in _BOOL:
+            problems.append(("AdoptedFromCare", "AdoptedFromCare is not true or false"))
+
+        if problems and not sex_stated:
+            return _quarantined(pos, problems)
+        # The mapping runs on a record with problems too when it states a Sex: its code tables say if the code
+        # is another problem (the mapping looks Sex up first, so nothing else can fail before).
+        try:
+            try:
+                out = self.mapped(d, self.run_context)[0]  # the compiled mapping itself: no per-record setup
+            except Exception:  # noqa: BLE001 - run() again through the public API, which says what it was
+                out = self.compiled.run(d, self.context, record_key=f"pupil#{pos}")
+        except UnmappedCode as exc:
+            m = _UNMAPPED_TABLE_RE.search(exc.reason)
+            if m is not None and m.group(1) in _SEX_TABLES:
+                problems.insert(sex_at, (sex_field, f"{sex_field} is not one of M, F or U"))
+            else:
+                problems.append(("mapping", f"the {exc.mapping} mapping held it back: {exc.reason}"))
+            return _quarantined(pos, problems)
+        except MappingError as exc:
+            if not problems:
+                problems.append(("mapping", f"the {exc.mapping} mapping could not map it: {exc.reason}"))
+            return _quarantined(pos, problems)
         if problems:
-            return Quarantined(
-                f"pupil#{pos}",
-                problems[0][0],
-                f"{'; '.join(reason for _, reason in problems)} (pupil #{pos})",
-            )
-        assert dob is not None and sex is not None
+            return _quarantined(pos, problems)
 
-        # Optional items: dropped with a warning when they fail their checks.
-        t = v[_ULN]
-        uln: str | None = (t.strip() or None) if t else None
-        if uln is not None and not is_valid_uln(uln):
+        # The canonical learner: the mapping's output, with its dates as dates and its flags as LearnerFlags.
+        try:
+            t = out["dob"]
+            out["dob"] = dob if t == dob_s else _from_iso(t)  # the date already read, unless mapped otherwise
+            t = out.get("leaving_date")
+            if t is not None:
+                out["leaving_date"] = _from_iso(t)
+            t = out.get("flags")
+            out["flags"] = LearnerFlags(**t) if t else LearnerFlags()
+            learner = Learner(**out)
+        except (KeyError, TypeError, ValueError):
+            gave = [f for f in _REQUIRED_FIELDS if f not in out]
+            what = f"no {', '.join(gave)}" if gave else "a date that is not a date or flags that are not flags"
+            return _quarantined(pos, [("mapping", f"the {LEARNER_MAPPING} mapping gave {what}")])
+
+        # Optional items the mapping dropped: warned about, as stated in the file.
+        t = d.get("UniqueLearnerNumber")
+        if type(t) is str and t and learner.uln is None:
             self.warn(pos, "UniqueLearnerNumber", "ULN fails its check digit; dropped")
-            uln = None
-
-        former_upns: list[str] = []
-        for t in formers:
-            former = t.strip().upper() if t else ""
-            if not former:
-                continue
-            if not is_valid_upn(former):
-                self.warn(pos, "FormerUPN", "a FormerUPN fails the UPN check; dropped")
-            elif former != upn and former not in former_upns:
-                former_upns.append(former)
-
-        year_group = ethnicity = ""
-        enrol_status = "C"
-        fsm: bool | None = None
-        nhs_number: str | None = None
-        basic = v[_BASIC]
-        if basic is not None:
-            for c in basic:
-                tag = c.tag
-                t = c.text
-                t = t.strip() if t else ""
-                if tag == "NCyearActual":
-                    year_group = t
-                elif tag == "Ethnicity":
-                    ethnicity = t
-                elif tag == "EnrolStatus":
-                    enrol_status = t.upper() or "C"
-                elif tag == "FSMeligible":
-                    fsm = _BOOL.get(t.lower())
-                    if fsm is None and t:
-                        self.warn(pos, "FSMeligible", "FSMeligible is not true or false; ignored")
-                elif tag == "NHSnumber" and t:
-                    nhs = t if is_valid_nhs_number(t) else normalise_nhs_number(t)
-                    if is_valid_nhs_number(nhs):
-                        nhs_number = nhs
-                    else:
-                        self.warn(pos, "NHSnumber", "NHS number fails the modulus-11 check; dropped")
-
-        sen_provision = "N" if v[_SEN] is None else self.sen(v[_SEN], pos)
-        postcode, address_lines = ("", []) if v[_ADDRESS] is None else self.address(v[_ADDRESS])
-        contacts = [] if v[_CONTACTS] is None else self.contacts(v[_CONTACTS])
-        att = _NO_ATTENDANCE if v[_ATTENDANCE] is None else self.attendance(v[_ATTENDANCE], pos)
-
-        fixed = 0
-        permanent = False
-        excl = v[_EXCLUSIONS]
-        if excl is not None:
-            for ex in excl:
-                for c in ex:
-                    if c.tag == "Category":
-                        t = c.text
-                        category = t.strip().upper() if t else ""
-                        if category in _FIXED_EXCLUSION:
-                            fixed += 1
-                        elif category == "PERM":
-                            permanent = True
-
-        t = v[_MIDDLE]
-        middle = t.strip() if t else ""
-        t = v[_PREF_SURNAME]
-        preferred_surname = t.strip() if t else ""
-        t = v[_PREF_FORENAME]
-        preferred_forename = t.strip() if t else ""
-        return Learner(
-            upn=upn,
-            school_urn=self.urn,
-            surname=surname,
-            forename=forename,
-            dob=dob,
-            sex=sex,
-            former_upns=former_upns,
-            uln=uln,
-            middle_names=middle,
-            preferred_surname=preferred_surname,
-            preferred_forename=preferred_forename,
-            postcode=postcode,
-            address_lines=address_lines,
-            nhs_number=nhs_number,
-            nhs_number_status=None,  # a CTF does not carry the PDS verification status
-            year_group=year_group,
-            enrol_status=enrol_status,
-            sen_provision=sen_provision,
-            ethnicity=ethnicity,
-            fsm_eligible=fsm,
-            attendance_sessions_possible=att[0],
-            attendance_sessions_attended=att[1],
-            attendance_sessions_authorised_absence=att[2],
-            attendance_sessions_unauthorised_absence=att[3],
-            exclusions_fixed_count=fixed,
-            exclusions_permanent=permanent,
-            leaving_date=leaving,
-            contacts=contacts,
-            flags=LearnerFlags(looked_after=looked_after, adopted=adopted),
-        )
+        t = d.get("FormerUPN")
+        if t:
+            for former in t:
+                if type(former) is str and former and not is_valid_upn(former.upper()):
+                    self.warn(pos, "FormerUPN", "a FormerUPN fails the UPN check; dropped")
+        basic = d.get("BasicDetails")
+        if type(basic) is dict:
+            if _stated(basic.get("FSMeligible")) and learner.fsm_eligible is None:
+                self.warn(pos, "FSMeligible", "FSMeligible is not true or false; ignored")
+            if _stated(basic.get("NHSnumber")) and learner.nhs_number is None:
+                self.warn(pos, "NHSnumber", "NHS number fails the modulus-11 check; dropped")
+        if learner.sen_provision not in self.sen_codes:
+            self.warn(pos, "SENprovision", "SEN provision is not E, K, N or S; kept as stated")
+        t = d.get("Attendance")
+        if type(t) is dict and _unreadable_attendance(t.get("YearData")):
+            self.warn(pos, "Attendance", "attendance figures that are not whole numbers were ignored")
+        return learner
 
     def _major(self) -> int:
         return int(self.header.major_version) if self.header is not None else 0
@@ -799,159 +779,42 @@ class _FileReader:
     def warn(self, pos: int, field: str, message: str) -> None:
         self.pending.append(CtfWarning(f"pupil#{pos}", field, f"{message} (pupil #{pos})"))
 
-    def sen(self, el: Any, pos: int) -> str:
-        """Provision of the SEN entry with the latest StartDate (later in the file wins a tie); N if none."""
-        best_key = ""
-        best = ""
-        for entry in el:
-            provision = start = ""
-            for c in entry:
-                tag = c.tag
-                if tag == "SENprovision":
-                    t = c.text
-                    provision = t.strip().upper() if t else ""
-                elif tag == "StartDate":
-                    t = c.text
-                    start = t.strip() if t else ""
-            if not provision:
-                continue
-            key = start if _iso_date(start) is not None else "0000-00-00"
-            if not best or key >= best_key:
-                best_key, best = key, provision
-        if not best:
-            return "N"
-        if best not in _SEN_CODES:
-            self.warn(pos, "SENprovision", "SEN provision is not E, K, N or S; kept as stated")
-        return best
 
-    @staticmethod
-    def address(el: Any) -> tuple[str, list[str]]:
-        """(postcode, address lines) from BS7666Address or AddressLines; PAON and Street share a line."""
-        postcode = ""
-        lines: list[str] = []
-        for part in el:
-            tag = part.tag
-            if tag == "BS7666Address":
-                parts = ["", "", "", "", "", "", ""]
-                for c in part:
-                    t = c.text
-                    if not t:
-                        continue
-                    i = _ADDRESS_LINE_INDEX.get(c.tag)
-                    if i is not None:
-                        parts[i] = t.strip()
-                    elif c.tag == "Postcode":
-                        postcode = t
-                if parts[1] and parts[2]:  # "12" + "Any Street" -> "12 Any Street"
-                    parts[1], parts[2] = f"{parts[1]} {parts[2]}", ""
-                lines += [x for x in parts if x]
-            elif tag == "AddressLines":
-                for line in part:
-                    t = line.text
-                    if not t or not t.strip():
-                        continue
-                    if line.tag == "Postcode":
-                        postcode = t
-                    elif line.tag.startswith("AddressLine"):
-                        lines.append(t.strip())
-            elif tag == "Postcode" and part.text:
-                postcode = part.text
-        return " ".join(postcode.upper().split()), lines
-
-    @staticmethod
-    def contacts(el: Any) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        for contact in el:
-            if contact.tag != "Contact":
-                continue
-            order: int | None = None
-            title = surname = forename = relationship = email = ""
-            responsibility: bool | None = None
-            phones: list[dict[str, str]] = []
-            for c in contact:
-                tag = c.tag
-                t = c.text
-                t = t.strip() if t else ""
-                if tag == "Surname":
-                    surname = t
-                elif tag == "Forename":
-                    forename = t
-                elif tag == "Relationship":
-                    relationship = t.upper()
-                elif tag == "Responsibility":
-                    responsibility = _BOOL.get(t.lower())
-                elif tag == "Order":
-                    order = _int(t)
-                elif tag == "Title":
-                    title = t
-                elif tag == "Phones":
-                    for phone in c:
-                        kind = number = ""
-                        for p in phone:
-                            pt = p.text
-                            if p.tag == "PhoneNo":
-                                number = pt.strip() if pt else ""
-                            elif p.tag == "TelephoneType":
-                                kind = pt.strip() if pt else ""
-                        if number:
-                            phones.append({"type": kind, "number": number})
-                elif tag == "Email":
-                    if not t:
-                        for e in c:
-                            if e.tag == "EmailAddress" and e.text:
-                                t = e.text.strip()
-                    email = t
-            out.append(
-                {
-                    "order": order,
-                    "title": title,
-                    "surname": surname,
-                    "forename": forename,
-                    "relationship": relationship,
-                    "responsibility": responsibility,
-                    "phones": phones,
-                    "email": email,
-                }
-            )
-        if len(out) > 1:
-            out.sort(key=lambda d: (d["order"] is None, d["order"] or 0))
-        return out
-
-    def attendance(self, el: Any, pos: int) -> tuple[int | None, int | None, int | None, int | None]:
-        """(possible, attended, authorised, unauthorised): sums over every YearData of the latest Year."""
-        latest = -1
-        totals: list[int | None] = [None, None, None, None]
-        bad = False
-        for yd in el:
-            if yd.tag != "YearData":
-                continue
-            year: int | None = None
-            values: list[int | None] = [None, None, None, None]
-            for c in yd:
-                t = c.text
-                if not t:
-                    continue
-                i = _ATTENDANCE_TAGS.get(c.tag)
-                if i is not None:
-                    t = t.strip()
-                    if t.isdigit() and t.isascii():
-                        values[i] = int(t)
-                    elif t:
-                        bad = True
-                elif c.tag == "Year":
-                    year = _int(t.strip())
-            if year is None:
-                bad = True
-            elif year > latest:
-                latest, totals = year, values
-            elif year == latest:
-                for i, n in enumerate(values):
-                    if n is not None:
-                        prev = totals[i]
-                        totals[i] = n if prev is None else prev + n
-        if bad:
-            self.warn(pos, "Attendance", "attendance figures that are not whole numbers were ignored")
-        return totals[0], totals[1], totals[2], totals[3]
+def _quarantined(pos: int, problems: list[tuple[str, str]]) -> Quarantined:
+    return Quarantined(f"pupil#{pos}", problems[0][0], f"{'; '.join(reason for _, reason in problems)} (pupil #{pos})")
 
 
-_NO_ATTENDANCE: Final[tuple[None, None, None, None]] = (None, None, None, None)
+_from_iso: Final = dt.date.fromisoformat  # TypeError / ValueError when the mapping gave no date
+
+
+_ATTENDANCE_FIGURES: Final = ("SessionsPossible", "AttendanceSessions", "SessionsAuthorised", "SessionsUnauthorised")
+
+
+def _unreadable_attendance(years: Any) -> bool:
+    """Whether a YearData has no whole-number Year, or a figure that is not a whole number (it is ignored)."""
+    if type(years) is not list:
+        return False
+    for yd in years:
+        if type(yd) is not dict:
+            return True
+        year = yd.get("Year")
+        if type(year) is not str or not year:
+            return True
+        try:
+            every = "".join(yd.values())  # usually a YearData holds only whole numbers: one check for all
+        except TypeError:  # an element in it holds elements
+            every = ""
+        if every.isascii() and every.isdigit():
+            continue
+        digits = year
+        for name in _ATTENDANCE_FIGURES:
+            t = yd.get(name)
+            if type(t) is str:
+                digits += t
+        if not digits.isascii() or not digits.isdigit():
+            return True
+    return False
+
+
+def _stated(value: Any) -> bool:
+    return type(value) is str and value != ""
