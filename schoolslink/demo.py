@@ -196,7 +196,8 @@ def summary_lines(r: DemoResult) -> list[str]:
         f"identity: {r.links} learners linked to a trust patient, {r.review_open} waiting in the review queue "
         f"(no guessed identity)",
         f"school -> trust: {s_in.get('sent', 0)} resources sent, {s_in.get('unchanged_not_sent', 0)} unchanged "
-        f"(not sent again); refused by consent {s_in.get('refused_by_consent', 0)}, no agreement "
+        f"(not sent again); refused by consent {s_in.get('refused_by_consent', 0)}, sensitive case "
+        f"{s_in.get('not_sent_sensitive_case', 0)}, left school {s_in.get('not_sent_left_school', 0)}, no agreement "
         f"{s_in.get('refused_no_agreement', 0)}, stopped at delivery "
         f"{sum(v for k, v in s_in.items() if k.startswith('stopped_at_delivery'))}, refused by the server "
         f"{s_in.get('refused_by_server', 0)}",

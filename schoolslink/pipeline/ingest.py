@@ -279,8 +279,14 @@ def _map_outbound(
         key = r["learner_key"]
         if key not in lks:
             continue
-        if r["left_school"] or r["plain"] is None or any(r[f] for f in SENSITIVE_FLAGS):
-            counts["not_sent_left_sensitive_or_no_consent"] += 1
+        if r["left_school"]:
+            counts["not_sent_left_school"] += 1
+            continue
+        if any(r[f] for f in SENSITIVE_FLAGS):
+            counts["not_sent_sensitive_case"] += 1
+            continue
+        if r["plain"] is None:  # no active consent from anyone who may decide
+            counts["refused_by_consent"] += 1
             continue
         for lk in lks[key]:
             agreement = agreement_for(agreements, r["school_urn"], lk["trust_ods"], run_date, PURPOSE)
