@@ -94,15 +94,7 @@ def _concept_plain(cc: Any) -> bool | object:
     if "text" in cc and not _s(cc["text"]):
         return False
     codings = cc.get("coding")
-    if codings is None:
-        return True
-    if codings.__class__ not in _LIST or not codings:
-        return _FALLBACK
-    for c in codings:
-        r = _coding(c)
-        if r is not True:
-            return r
-    return True
+    return True if codings is None else _each_plain(codings, _coding)
 
 
 def _identifier(i: Any) -> bool | object:
@@ -130,15 +122,7 @@ def _meta(m: Any) -> bool | object:
     if "source" in m and not _uri(m["source"]):
         return False
     tags = m.get("tag")
-    if tags is None:
-        return True
-    if tags.__class__ not in _LIST or not tags:
-        return _FALLBACK
-    for t in tags:
-        r = _coding(t)
-        if r is not True:
-            return r
-    return True
+    return True if tags is None else _each_plain(tags, _coding)
 
 
 def _each(values: Any, check: Any) -> bool | object:
