@@ -17,6 +17,17 @@ class Direction(enum.StrEnum):
     TRUST_TO_SCHOOL = "trust_to_school"
 
 
+# The canonical data items each direction can carry: agreements list them, mappings tag nodes with them.
+DATA_ITEMS: dict[Direction, frozenset[str]] = {
+    Direction.SCHOOL_TO_TRUST: frozenset(
+        {"attendance_percent", "sen_provision", "exclusions_fixed_count", "year_group"}),
+    Direction.TRUST_TO_SCHOOL: frozenset(
+        {"referral_received", "referral_status", "outcome_reason", "days_waiting", "next_appointment",
+         "named_contact", "transition"}),
+}
+ALL_DATA_ITEMS = frozenset().union(*DATA_ITEMS.values())
+
+
 class ConsentGiver(enum.StrEnum):
     PARENT = "parent"  # a person with parental responsibility
     YOUNG_PERSON = "young_person"  # 16-17 with capacity, or a competent (Gillick) younger child

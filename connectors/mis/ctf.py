@@ -413,7 +413,7 @@ _UNMAPPED_TABLE_RE = re.compile(r"code table (\S+) has no entry")
 class _LearnerMapping:
     compiled: CompiledMapping
     sen_codes: frozenset[str]
-    variables: frozenset[str]  # the names it declares under let: the only run variables it can read
+    variables: frozenset[str]  # the run variables it declares (vars:): the only ones it can read
 
 
 def _learner_mapping(ms: MappingSet | None) -> _LearnerMapping:
@@ -438,7 +438,7 @@ def _learner_mapping(ms: MappingSet | None) -> _LearnerMapping:
         )
     table = ms.tables.get(_SEN_TABLE)
     return _LearnerMapping(cm, frozenset(table.codes) if table is not None else _SEN_CODES,
-                           frozenset(name for name, _expr in m.lets))
+                           frozenset(m.run_vars))
 
 
 class CtfReader:

@@ -15,27 +15,10 @@ from typing import Any
 import yaml
 
 from schoolslink.errors import AgreementError
-from schoolslink.model import Direction
+from schoolslink.model import DATA_ITEMS, Direction
 
-# The canonical data items each direction may carry. An agreement may list only these.
-SCHOOL_TO_TRUST_ITEMS = frozenset(
-    {"attendance_percent", "sen_provision", "exclusions_fixed_count", "year_group"}
-)
-TRUST_TO_SCHOOL_ITEMS = frozenset(
-    {
-        "referral_received",
-        "referral_status",
-        "outcome_reason",
-        "days_waiting",
-        "next_appointment",
-        "named_contact",
-        "transition",
-    }
-)
-KNOWN_ITEMS = {
-    Direction.SCHOOL_TO_TRUST: SCHOOL_TO_TRUST_ITEMS,
-    Direction.TRUST_TO_SCHOOL: TRUST_TO_SCHOOL_ITEMS,
-}
+# The canonical data items each direction may carry (schoolslink.model). An agreement may list only these.
+KNOWN_ITEMS = DATA_ITEMS
 
 _TOP_KEYS = {
     "id", "version", "title", "effective_from", "effective_to", "lawful_basis", "parties",

@@ -25,6 +25,7 @@ allowed-item set) to a Python function; running it over a batch costs a few micr
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from schoolslink.errors import ConfigurationError, PermanentDataError
 from schoolslink.mapping import functions
 from schoolslink.mapping.yamlnodes import LDict, LList, MappingFileError, line_of
 from schoolslink.mapping.yamlnodes import load as load_yaml
+from schoolslink.model import ALL_DATA_ITEMS
 
 MAPPINGS_DIR = Path(__file__).resolve().parents[2] / "mappings"
 
@@ -50,12 +52,13 @@ ALLOWED_WITH = {
     "$each": {"$as", "$do"},
 }
 CONDITIONS = {"$exists", "$eq", "$ne", "$in", "$not", "$all", "$any"}
-MAPPING_KEYS = {"mapping", "description", "kind", "input", "output", "let", "template", "columns", "check"}
+MAPPING_KEYS = {"mapping", "description", "kind", "input", "output", "vars", "let", "template", "columns", "check"}
 FRAGMENT_KEYS = {"fragment", "description", "template"}
 TABLE_KEYS = {"table", "description", "source", "target", "unmapped", "default", "codes"}
 KINDS = {"template", "columns"}
 CHECKS = {"fhir-r4", "none"}
 _NAME = re.compile(r"^[a-z][a-z0-9-]*$")
+_NAME_VAR = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
 class MappingError(PermanentDataError):
@@ -118,6 +121,7 @@ class Mapping:
     template: Any
     path: Path
     digest: str
+    run_vars: tuple[str, ...] = ()
     version: str = ""
     items: frozenset[str] = frozenset()
     _compiled: dict[frozenset[str] | None, Callable[[Any, dict[str, Any]], tuple[dict[str, Any], list[str]]]] = (
@@ -328,10 +332,12 @@ def _load_mappings(root: Path) -> MappingSet:
         used_fragments: set[str] = set()
         used_tables: set[str] = set()
         items: set[str] = set()
-        _Checker(ms, m.path, used_fragments, used_tables, items, set(dict(m.lets)) | {"mapping_version"}).node(
-            m.template)
-        for _name, expr in m.lets:
-            _Checker(ms, m.path, used_fragments, used_tables, items, set(dict(m.lets))).node(expr)
+        gated = _uses_items(m.template, ms)
+        known = {"mapping_version", *m.run_vars}
+        for name, expr in m.lets:  # a let sees only the lets before it
+            _Checker(ms, m.path, used_fragments, used_tables, items, set(known), gated=gated).node(expr)
+            known.add(name)
+        _Checker(ms, m.path, used_fragments, used_tables, items, known, gated=gated).node(m.template)
         h = hashlib.sha256(m.digest.encode())
         for f in sorted(used_fragments):
             h.update(fragments[f].digest.encode())
@@ -340,6 +346,19 @@ def _load_mappings(root: Path) -> MappingSet:
         m.version = h.hexdigest()[:16]
         m.items = frozenset(items)
     return ms
+
+
+def _uses_items(n: Any, ms: MappingSet, seen: frozenset[str] = frozenset()) -> bool:
+    if isinstance(n, dict):
+        if "$item" in n:
+            return True
+        frag = n.get("$fragment")
+        if isinstance(frag, str) and frag in ms.fragments and frag not in seen:
+            return _uses_items(ms.fragments[frag].template, ms, seen | {frag})
+        return any(_uses_items(v, ms, seen) for v in n.values())
+    if isinstance(n, list):
+        return any(_uses_items(v, ms, seen) for v in n)
+    return False
 
 
 def _load_mapping(p: Path, doc: LDict) -> Mapping:
@@ -366,8 +385,11 @@ def _load_mapping(p: Path, doc: LDict) -> Mapping:
         if "columns" not in doc or "template" in doc:
             raise _fail(p, doc, "a columns mapping has columns and no template", "kind")
         template = _columns_to_template(p, doc["columns"])
+    run_vars = doc.get("vars") or LList()
+    if not isinstance(run_vars, list) or not all(isinstance(v, str) and _NAME_VAR.match(v) for v in run_vars):
+        raise _fail(p, doc, "vars lists the names of run variables the caller gives", "vars")
     return Mapping(name, kind, str(doc.get("description", "")), str(doc["input"]), str(doc["output"]), check,
-                   lets, template, p, _digest(p))
+                   lets, template, p, _digest(p), tuple(run_vars))
 
 
 def _columns_to_template(p: Path, columns: Any) -> LDict:
@@ -393,6 +415,8 @@ def _columns_to_template(p: Path, columns: Any) -> LDict:
             tb = LDict({"$table": spec["table"], "$of": expr})
             tb.line, tb.lines = spec.line, {"$table": spec.lines["table"], "$of": spec.line}
             expr = tb
+        if spec.get("required") and "default" in spec:
+            raise _fail(p, spec, f"column {col!r}: a required column cannot also have a default", "default")
         if spec.get("required"):
             rq = LDict({"$fn": "required", "$args": LList([expr, col])})
             rq.line, rq.lines = spec.line, {"$fn": spec.line, "$args": spec.line}
@@ -428,12 +452,32 @@ def _required(value: Any, column: Any) -> Any:
     return value
 
 
+def _expressions_in(v: Any) -> list[LDict]:
+    """Every expression node within a condition's operand (not descending into nested conditions' ops)."""
+    out: list[LDict] = []
+    if isinstance(v, LDict):
+        if any(k in v for k in EXPR_KEYS):
+            out.append(v)
+            for a in v.get("$args", ()) if isinstance(v.get("$args"), list) else ():
+                out += _expressions_in(a)
+            if "$of" in v:
+                out += _expressions_in(v["$of"])
+        else:
+            for x in v.values():
+                out += _expressions_in(x)
+    elif isinstance(v, list):
+        for x in v:
+            out += _expressions_in(x)
+    return out
+
+
 class _Checker:
     def __init__(self, ms: MappingSet, path: Path, fragments: set[str], tables: set[str], items: set[str],
-                 vars_: set[str], seen: tuple[str, ...] = ()) -> None:
+                 vars_: set[str], seen: tuple[str, ...] = (), gated: bool = False) -> None:
         self.ms, self.path, self.fragments, self.tables, self.items = ms, path, fragments, tables, items
         self.vars = vars_
         self.seen = seen
+        self.gated = gated
 
     def node(self, n: Any) -> None:
         if isinstance(n, LList):
@@ -452,8 +496,9 @@ class _Checker:
         if "$when" in n:
             self.cond(n["$when"], n)
         if "$item" in n:
-            if not isinstance(n["$item"], str) or not n["$item"]:
-                raise _fail(self.path, n, "$item names one canonical data item", "$item")
+            if not isinstance(n["$item"], str) or n["$item"] not in ALL_DATA_ITEMS:
+                raise _fail(self.path, n, f"$item must name a canonical data item; known: "
+                            f"{', '.join(sorted(ALL_DATA_ITEMS))}", "$item")
             self.items.add(n["$item"])
         if not exprs:
             owners = {"$args": "$fn", "$of": "$table", "$as": "$each", "$do": "$each"}
@@ -504,23 +549,46 @@ class _Checker:
                 raise _fail(self.path, n, f"fragment {v!r} includes itself", e)
             self.fragments.add(str(v))
             _Checker(self.ms, frag.path, self.fragments, self.tables, self.items, self.vars,
-                     (*self.seen, str(v))).node(frag.template)
+                     (*self.seen, str(v)), self.gated).node(frag.template)
         elif e == "$each":
             check_path(self.path, n, v, e, self.vars)
             if "$as" not in n or "$do" not in n:
                 raise _fail(self.path, n, "$each needs $as (a name) and $do (the node to repeat)", e)
+            if not isinstance(n["$as"], str) or n["$as"] in self.vars:
+                raise _fail(self.path, n, f"$as must be a new name, not one already in use ({n['$as']!r})", "$as")
             _Checker(self.ms, self.path, self.fragments, self.tables, self.items, self.vars | {str(n["$as"])},
-                     self.seen).node(n["$do"])
+                     self.seen, self.gated).node(n["$do"])
+
+    def _gated_condition(self, c: Any) -> None:
+        """In a mapping that tags data items, a condition may read only tagged values.
+
+        Otherwise a condition could reveal an item the agreement withholds (e.g. show the days waiting
+        only while a status is 'waiting', telling the school the status). A tagged value the agreement
+        withholds reads as missing, so the node it guards is left out.
+        """
+        if not self.gated:
+            return
+        for k, v in c.items():
+            if k == "$exists" and isinstance(v, str):
+                raise _fail(self.path, c, "this mapping tags data items: write $exists as an expression "
+                            "with its $item, e.g. {$path: ..., $item: ...}", k)
+            for node in _expressions_in(v):
+                if "$path" in node and "$item" not in node:
+                    raise _fail(self.path, node, "this mapping tags data items: a value a condition reads "
+                                "must carry its $item", "$path")
 
     def cond(self, c: Any, parent: Any) -> None:
         if not isinstance(c, LDict) or len(c) != 1 or next(iter(c)) not in CONDITIONS:
             raise _fail(self.path, parent, f"$when takes one of {', '.join(sorted(CONDITIONS))}", "$when")
         op, arg = next(iter(c.items()))
+        self._gated_condition(c)
         if op == "$exists":
             if isinstance(arg, str):
                 check_path(self.path, c, arg, op, self.vars)
-            else:
+            elif isinstance(arg, LDict) and any(k in arg for k in EXPR_KEYS):
                 self.node(arg)
+            else:
+                raise _fail(self.path, c, "$exists takes a path or an expression", op)
         elif op in {"$eq", "$ne"}:
             if not isinstance(arg, list) or len(arg) != 2:
                 raise _fail(self.path, c, f"{op} takes two values", op)
@@ -579,9 +647,12 @@ def _plain(n: Any) -> Any:
 
 
 def _fold_var(n: Any, name: str, value: Any) -> Any:
+    """A copy of the tree with {$var: name} replaced by its compile-time value."""
     if isinstance(n, LDict):
         if n.get("$var") == name and not any(k in n for k in MODIFIERS):
             return value
+        if "$const" in n or n.get("$as") == name:
+            return n
         out = LDict({k: _fold_var(v, name, value) for k, v in n.items()})
         out.line, out.lines = n.line, n.lines
         return out
@@ -600,13 +671,14 @@ class _Compiler:
         self.lines: list[str] = []
         self.consts: dict[str, Any] = {}
         self.n = 0
+        self.in_cond = 0  # values a condition reads decide, but are not sent: they are not recorded as items
 
     def tmp(self) -> str:
         self.n += 1
         return f"t{self.n}"
 
     def const(self, value: Any) -> str:
-        if isinstance(value, (str, int, float, bool)) or value is None:
+        if isinstance(value, (str, int, bool)) or value is None or (isinstance(value, float) and math.isfinite(value)):
             return repr(value)
         name = f"C{len(self.consts)}"
         self.consts[name] = value
@@ -617,13 +689,13 @@ class _Compiler:
 
     def compile(self) -> Callable[[Any, dict[str, Any]], tuple[dict[str, Any], list[str]]]:
         # The mapping's own version is known now: fold it in, so parts that use it become constants.
-        self.m.template = _fold_var(self.m.template, "mapping_version", self.m.version)
+        template = _fold_var(self.m.template, "mapping_version", self.m.version)
         self.emit(1, "items = []")
         self.emit(1, "V = dict(ctx)")
         for name, expr in self.m.lets:
             v = self.value(expr, 1, "src")
             self.emit(1, f"V[{name!r}] = {v}")
-        out = self.value(self.m.template, 1, "src")
+        out = self.value(template, 1, "src")
         self.emit(1, f"return ({out} if {out} is not None else {{}}), items")
         src = "def mapped(src, ctx):\n" + "\n".join(self.lines) + "\n"
         ns: dict[str, Any] = {f"F_{_ident(k)}": f.fn for k, f in functions.REGISTRY.items()}
@@ -658,7 +730,7 @@ class _Compiler:
             self.emit(ind, f"{t} = {inner}")
         if "$default" in n:
             self.emit(ind, f"if {t} is None or {t} == '': {t} = {self.const(n['$default'])}")
-        if "$item" in n:
+        if "$item" in n and not self.in_cond:
             self.emit(ind, f"if {t} is not None: items.append({n['$item']!r})")
         return t
 
@@ -759,6 +831,13 @@ class _Compiler:
             self.emit(ind + 1, f"{t} = None")
 
     def cond(self, c: Any, ind: int, src: str) -> str:
+        self.in_cond += 1
+        try:
+            return self._cond(c, ind, src)
+        finally:
+            self.in_cond -= 1
+
+    def _cond(self, c: Any, ind: int, src: str) -> str:
         op, arg = next(iter(c.items()))
         t = self.tmp()
         if op == "$exists":

@@ -305,13 +305,16 @@ def _map_outbound(
                       "patient_ref": lk["patient_ref"], "effective": r["plain"].get("export_date"),
                       "values": school_context.context_items(r["plain"])}
             try:
-                resources = cm.run(record, record_key=key).get("resources", [])
+                mapped, sent_items = cm.run_with_items(record, record_key=key)
+                resources = mapped.get("resources", [])
             except MappingError as exc:
                 counts["mapping_errors"] += 1
                 quarantine_rows(conn, run_id, f"mapping:{CONTEXT_MAPPING}", [(key, None, exc.reason)])
                 continue
             for res in resources:
                 problems = cm.problems(res)
+                if res["code"]["coding"][0]["code"] not in set(sent_items) & items:
+                    problems = [*problems, "the Observation's code is not an item the mapping was allowed to send"]
                 if problems:
                     counts["mapping_errors"] += 1
                     quarantine_rows(conn, run_id, f"mapping:{CONTEXT_MAPPING}", [(key, None, "; ".join(problems))])

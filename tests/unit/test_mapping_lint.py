@@ -111,3 +111,57 @@ def test_every_shipped_mapping_has_golden_tests() -> None:
     ms = load_mappings(MAPPINGS_DIR)
     for m in ms.mappings.values():
         assert m.path.with_name(m.path.name.removesuffix(".yaml") + ".tests.yaml").exists(), m.name
+
+
+GATED = """mapping: gated
+kind: template
+input: a record
+output: a record
+template:
+  status: {$item: referral_status, $path: status}
+  waiting:
+    $item: days_waiting
+    $when: {$eq: [{$path: status}, accepted_waiting]}
+    $path: days
+"""
+
+
+def test_a_condition_may_not_read_an_untagged_value_in_a_mapping_that_tags_items(tmp_path: Path) -> None:
+    e = _error(_tree(tmp_path, GATED))
+    assert e.line == 9 and "a value a condition reads must carry its $item" in e.message
+
+
+def test_a_withheld_item_cannot_leak_through_a_condition(tmp_path: Path) -> None:
+    fixed = GATED.replace("{$path: status}, accepted", "{$path: status, $item: referral_status}, accepted")
+    ms = load_mappings(_tree(tmp_path, fixed))
+    rec = {"status": "accepted_waiting", "days": 40}
+    assert ms.compile("gated").run(rec) == {"status": "accepted_waiting", "waiting": 40}
+    # days_waiting allowed, the status withheld: the days are not shown, so they cannot tell the status
+    out, items = ms.compile("gated", {"days_waiting"}).run_with_items(rec)
+    assert out == {} and items == []
+
+
+def test_misspelt_item_and_reused_names_are_refused(tmp_path: Path) -> None:
+    fixed = GATED.replace("{$path: status}, accepted", "{$path: status, $item: referral_status}, accepted")
+    e = _error(_tree(tmp_path, fixed.replace("$item: days_waiting", "$item: days_wating")))
+    assert "$item must name a canonical data item" in e.message
+    shutil.rmtree(tmp_path / "mappings")
+    each = GOOD.replace("{$path: name}", "{$each: kids, $as: mapping_version, $do: {$var: mapping_version}}")
+    assert "$as must be a new name" in _error(_tree(tmp_path, each)).message
+    shutil.rmtree(tmp_path / "mappings")
+    forward = GOOD.replace("template:", "let:\n  a: {$var: b}\n  b: {$path: name}\ntemplate:")
+    assert "unknown variable 'b'" in _error(_tree(tmp_path, forward)).message
+    shutil.rmtree(tmp_path / "mappings")
+    assert "$exists takes a path or an expression" in _error(_tree(tmp_path, GOOD.replace(
+        "name: {$path: name}", "name: {$when: {$exists: 5}, $path: name}"))).message
+
+
+def test_columns_required_with_default_and_non_finite_literals(tmp_path: Path) -> None:
+    cols = ("mapping: c\nkind: columns\ninput: csv\noutput: rec\ncolumns:\n"
+            "  A: {target: a, required: true, default: x}\n")
+    e = _error(_tree(tmp_path, cols))
+    assert "cannot also have a default" in e.message and e.line == 6
+    shutil.rmtree(tmp_path / "mappings")
+    nan = GOOD.replace("{$path: name}", "{$path: name, $default: .nan}")
+    out = load_mappings(_tree(tmp_path, nan)).compile("tiny").run({"code": "a"})
+    assert out["name"] != out["name"]  # NaN, built as a constant rather than broken generated code
