@@ -12,8 +12,6 @@ from typing import Any
 
 from schoolslink.model import ReferralStatus
 
-WAITING = {ReferralStatus.RECEIVED, ReferralStatus.BEING_ASSESSED, ReferralStatus.ACCEPTED_WAITING}
-
 
 @dataclass(frozen=True, slots=True)
 class SchoolStatus:

@@ -21,8 +21,9 @@ def run_slug(run_id: str) -> str:
 
 
 def path_for(key: str) -> Path:
-    p = (work_dir() / key).resolve()
-    if not str(p).startswith(str(work_dir().resolve())):
+    root = work_dir().resolve()
+    p = (root / key).resolve()
+    if not p.is_relative_to(root):
         raise ValueError("storage key escapes the work store")
     return p
 
@@ -49,18 +50,6 @@ def read_jsonl(key: str) -> Iterator[dict[str, Any]]:
         for line in f:
             if line.strip():
                 yield json.loads(line)
-
-
-def write_json(key: str, doc: Any) -> None:
-    p = path_for(key)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, default=str, indent=1), encoding="utf-8")
-    os.replace(tmp, p)
-
-
-def read_json(key: str) -> Any:
-    return json.loads(path_for(key).read_text(encoding="utf-8"))
 
 
 def remove(key: str) -> None:

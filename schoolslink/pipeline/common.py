@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import date, datetime
+from datetime import date
 
 from sqlalchemy import Connection, Engine, insert
 
@@ -13,14 +13,6 @@ from schoolslink.store.schema import quarantine
 
 def store() -> Engine:
     return engine()
-
-
-def as_date(value: str | date | datetime) -> date:
-    if isinstance(value, datetime):
-        return value.date()
-    if isinstance(value, date):
-        return value
-    return date.fromisoformat(str(value)[:10])
 
 
 def age_on(dob: date, day: date) -> int:
