@@ -142,30 +142,30 @@ def cmd_mis_check(args: argparse.Namespace) -> int:
     return 1 if any(f["status"] == "rejected" for f in files) else 0
 
 
+def _trust_args(p: argparse.ArgumentParser) -> None:
+    """The options that size and place a synthetic trust (demo and synth)."""
+    p.add_argument("--schools", type=int, default=20)
+    p.add_argument("--pupils", type=int, default=6000)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--out", help="SCHOOLSLINK_HOME to write into (default ./.schoolslink)")
+    p.add_argument("--date", help="the run's date, YYYY-MM-DD (default today)")
+    p.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="schoolslink", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="synthesise a trust, start the peers, run every DAG, summarise")
-    d.add_argument("--schools", type=int, default=20)
-    d.add_argument("--pupils", type=int, default=6000)
-    d.add_argument("--seed", type=int, default=7)
-    d.add_argument("--out", help="SCHOOLSLINK_HOME for this demo (default ./.schoolslink)")
-    d.add_argument("--date", help="the run's date, YYYY-MM-DD (default today)")
+    _trust_args(d)
     d.add_argument("--fhir-base", help="use this running FHIR server instead of starting one")
     d.add_argument("--keep", action="store_true", help="keep the state of an earlier demo in --out")
     d.add_argument("--clean-input", action="store_true",
                    help="leave out the two deliberately bad school exports the demo adds")
-    d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("synth", help="write synthetic CTF files, consent registers and FHIR seed bundles")
-    s.add_argument("--schools", type=int, default=20)
-    s.add_argument("--pupils", type=int, default=6000)
-    s.add_argument("--seed", type=int, default=7)
-    s.add_argument("--out")
-    s.add_argument("--date")
-    s.add_argument("--json", action="store_true")
+    _trust_args(s)
     s.set_defaults(func=cmd_synth)
 
     a = sub.add_parser("agreement", help="data sharing agreements")

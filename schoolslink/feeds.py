@@ -25,20 +25,20 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from schoolslink import ledger
+from schoolslink.constants import PURPOSE_SUPPORT as PURPOSE
 from schoolslink.governance import register
 from schoolslink.governance.agreement import Agreement, agreement_for, load_agreements
-from schoolslink.governance.consent import ConsentFacts, decide
-from schoolslink.governance.matching import SENSITIVE_FLAGS
+from schoolslink.governance.consent import ConsentFacts, allowed_items
+from schoolslink.governance.matching import is_sensitive, live_links
 from schoolslink.mapping.engine import load_mappings
 from schoolslink.model import Direction, Disclosure
 from schoolslink.pipeline.common import store
 from schoolslink.settings import feeds_dir
 from schoolslink.status import derive
+from schoolslink.store.query import rows_by
 from schoolslink.store.schema import (
     feed_rows,
     learners,
-    links,
-    patients,
     trust_appointments,
     trust_episodes,
     trust_practitioners,
@@ -46,7 +46,6 @@ from schoolslink.store.schema import (
 )
 from schoolslink.store.upsert import upsert
 
-PURPOSE = "cypmhs-school-support"
 FEED_VERSION = "1"
 COLUMNS = (
     "upn", "surname", "forename", "trust_ods", "referral_received", "status", "status_code", "reason",
@@ -88,15 +87,6 @@ def build_school_feeds(run_id: str, urns: list[str], feed_date: date, at: dateti
     return FeedCounts(totals["schools"], totals["rows"], totals["refused"], totals["no_agreement"])
 
 
-def _by(conn: Connection, table: Any, col: str, values: list[str]) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for i in range(0, len(values), 900):
-        q = select(table).where(table.c[col].in_(values[i : i + 900]))
-        for r in conn.execute(q).mappings():
-            out[r[col]].append(dict(r))
-    return out
-
-
 def _school_rows(
     conn: Connection, run_id: str, urn: str, feed_date: date, agreements: list[Agreement]
 ) -> tuple[list[dict[str, Any]], list[Disclosure], int, int, list[dict[str, Any]]]:
@@ -106,24 +96,18 @@ def _school_rows(
             select(learners).where(learners.c.school_urn == urn, learners.c.plain.is_not(None),
                                    learners.c.left_school.is_(False))
         ).mappings()
-        if not any(r[f] for f in SENSITIVE_FLAGS)
+        if not is_sensitive(r)
     }
-    lks = _by(conn, links, "learner_key", list(pupils))
-    q = select(patients.c.trust_ods, patients.c.patient_ref).where(patients.c.restricted.is_(True))
-    restricted = {(r.trust_ods, r.patient_ref) for r in conn.execute(q)}
-    lks = {
-        k: [x for x in v if not x["withdrawn"] and (x["trust_ods"], x["patient_ref"]) not in restricted]
-        for k, v in lks.items()
-    }
+    lks = live_links(conn, list(pupils))
     patient_refs = sorted({x["patient_ref"] for v in lks.values() for x in v})
-    refs = _by(conn, trust_referrals, "patient_ref", patient_refs)
+    refs = rows_by(conn, trust_referrals, "patient_ref", patient_refs)
     refs = {k: [r for r in v if r["fhir_status"] != "entered-in-error"] for k, v in refs.items()}
     referral_refs = sorted({r["referral_ref"] for v in refs.values() for r in v})
-    eps = _by(conn, trust_episodes, "referral_ref", referral_refs)
-    appts = _by(conn, trust_appointments, "referral_ref", referral_refs)
+    eps = rows_by(conn, trust_episodes, "referral_ref", referral_refs)
+    appts = rows_by(conn, trust_appointments, "referral_ref", referral_refs)
     role_refs = sorted({r["performer_ref"] for v in refs.values() for r in v if r["performer_ref"]}
                        | {e["care_manager_ref"] for v in eps.values() for e in v if e["care_manager_ref"]})
-    roles = {k: v[0] for k, v in _by(conn, trust_practitioners, "role_ref", role_refs).items()}
+    roles = {k: v[0] for k, v in rows_by(conn, trust_practitioners, "role_ref", role_refs).items()}
     # What the school had before tonight: a re-run of tonight's feed compares with the same thing.
     previous: dict[tuple[str, str], tuple[str | None, date | None]] = {}
     for r in conn.execute(select(feed_rows).where(feed_rows.c.school_urn == urn)):
@@ -148,15 +132,9 @@ def _school_rows(
             if agreement is None:
                 no_agreement += 1
                 continue
-            facts = ConsentFacts(pupil["age_years"], pupil["competent"], pupil["looked_after"])
             recs = register.for_school(consents.get(key, []) + consents.get(lk["patient_key"], []), urn)
-            allowed: set[str] = set()
-            consent_id = None
-            for item in sorted(agreement.allowed(Direction.TRUST_TO_SCHOOL)):
-                d = decide(recs, facts, Direction.TRUST_TO_SCHOOL, PURPOSE, feed_date, item)
-                if d.allowed:
-                    allowed.add(item)
-                    consent_id = consent_id or d.consent_id
+            allowed, consent_id = allowed_items(agreement, recs, ConsentFacts.of(pupil), Direction.TRUST_TO_SCHOOL,
+                                                PURPOSE, feed_date)
             if not allowed or consent_id is None:
                 refused += 1
                 continue

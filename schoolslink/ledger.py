@@ -78,8 +78,7 @@ def append(conn: Connection, disclosures: Iterable[Disclosure], at: datetime) ->
         rows.append({**fields, "at": at.astimezone(UTC), "prev_hash": prev, "entry_hash": h})
         prev = h
     if rows:
-        for i in range(0, len(rows), 5000):
-            conn.execute(insert(ledger), rows[i : i + 5000])
+        conn.execute(insert(ledger), rows)  # one executemany: SQLAlchemy batches the rows itself
         conn.execute(
             update(watermarks)
             .where(watermarks.c.source == "ledger", watermarks.c.resource_type == "head")

@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection, select, tuple_
 
+from schoolslink.store.query import chunks
 from schoolslink.store.schema import outbox
 from schoolslink.store.upsert import upsert
 
@@ -25,9 +26,7 @@ def content_hash(resource: dict[str, Any]) -> str:
 def unchanged(conn: Connection, destination: str, hashes: dict[str, str]) -> set[str]:
     """The resource refs (Type/id) whose current hash this destination already has."""
     have: set[str] = set()
-    refs = list(hashes)
-    for i in range(0, len(refs), 900):
-        part = refs[i : i + 900]
+    for part in chunks(list(hashes)):
         q = select(outbox.c.resource_ref, outbox.c.content_hash).where(
             outbox.c.destination == destination,
             outbox.c.status == "sent",

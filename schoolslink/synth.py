@@ -104,6 +104,8 @@ from typing import Any, Final, TextIO
 from zoneinfo import ZoneInfo
 
 from schoolslink.constants import (
+    CLOSURE_REASON_EXT,
+    CONFIDENTIALITY_SYSTEM,
     EDUCATIONAL_ESTABLISHMENT_EXT,
     MHSDS_CLOSURE_REASON_SYSTEM,
     MHSDS_REJECTION_REASON_SYSTEM,
@@ -113,21 +115,20 @@ from schoolslink.constants import (
     NHS_NUMBER_VERIFICATION_SYSTEM,
     ODS_ORGANISATION_SYSTEM,
     PURPOSE_SUPPORT,
+    PURPOSE_SYSTEM,
+    REJECTION_REASON_EXT,
     SCHOOL_URN_SYSTEM,
+    TEAM_TYPE_EXT,
+    TRANSITION_EXT,
 )
 from schoolslink.identifiers import make_test_nhs_number, make_upn, uln_check_digit
 
 # Extension URLs and code systems the synthetic trust uses (see the module docstring) --------------------------
 
-_SD = "https://fhir.schoolslink.org.uk/StructureDefinition/"
-TEAM_TYPE_EXT: Final = _SD + "Extension-MHSDS-ServiceTeamTypeReferredTo"
-REJECTION_REASON_EXT: Final = _SD + "Extension-MHSDS-ReferralRejectionReason"
-CLOSURE_REASON_EXT: Final = _SD + "Extension-MHSDS-ReferralClosureReason"
-TRANSITION_EXT: Final = _SD + "Extension-TransitionToAdultServices"
+# (the extensions a trust uses for MHSDS facts, and the purpose and confidentiality systems, are the
+# ones the pipeline reads: schoolslink.constants)
 PRIMARY_REASON_SYSTEM: Final = "https://fhir.schoolslink.org.uk/CodeSystem/mhsds-primary-reason-for-referral"
 REFERRAL_ID_SYSTEM: Final = "https://fhir.schoolslink.org.uk/Id/trust-referral-number"
-PURPOSE_SYSTEM: Final = "https://fhir.schoolslink.org.uk/CodeSystem/purpose"
-CONFIDENTIALITY_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 
 DEFAULT_AS_OF: Final = date(2026, 11, 25)
 TEST_LA: Final = 999

@@ -14,10 +14,15 @@ Rules (DESIGN.md, "Governance rules"; written out for data engineers in agreemen
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
+from typing import TYPE_CHECKING, Any
 
 from schoolslink.model import Consent, ConsentDecision, ConsentGiver, Direction
+
+if TYPE_CHECKING:
+    from schoolslink.governance.agreement import Agreement
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +30,11 @@ class ConsentFacts:
     age_years: int | None
     competent: bool  # the school recorded the child as competent to decide (Gillick)
     looked_after: bool
+
+    @classmethod
+    def of(cls, learner: Mapping[Any, Any]) -> ConsentFacts:
+        """The facts as the state store's learners row holds them."""
+        return cls(learner["age_years"], bool(learner["competent"]), bool(learner["looked_after"]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,3 +92,16 @@ def decide(
     if any(c.given_by is not ConsentGiver.YOUNG_PERSON for c in live) and decides_for_self:
         return Decision(False, "the young person decides for themselves and has not consented")
     return Decision(False, f"no consent from {who} covers {direction.value} for {purpose}")
+
+
+def allowed_items(
+    agreement: Agreement, records: list[Consent], facts: ConsentFacts, direction: Direction, purpose: str, at: date
+) -> tuple[frozenset[str], str | None]:
+    """Agreement ∩ consent: the items that may go, and the consent id that allows them (None: nothing may)."""
+    items, consent_id = set(), None
+    for item in sorted(agreement.allowed(direction)):
+        d = decide(records, facts, direction, purpose, at, item)
+        if d.allowed:
+            items.add(item)
+            consent_id = consent_id or d.consent_id
+    return frozenset(items), consent_id

@@ -10,12 +10,14 @@ demographic matching, PDS-style traces and `schoolslink match review`.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection, delete, or_, select, update
 
 from schoolslink.model import MatchMethod, ReviewReason
+from schoolslink.store.query import chunks
 from schoolslink.store.schema import learners, links, patients, review_queue
 from schoolslink.store.upsert import upsert
 
@@ -27,6 +29,24 @@ class MatchCounts:
 
 
 SENSITIVE_FLAGS = ("looked_after", "adopted", "child_protection", "do_not_tell_parent")
+
+
+def is_sensitive(learner: Mapping[Any, Any]) -> bool:
+    """A learners row flagged looked after, adopted, child protection or do-not-tell-parent."""
+    return any(learner[f] for f in SENSITIVE_FLAGS)
+
+
+def live_links(conn: Connection, learner_keys: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """The links that may carry disclosures: not withdrawn, and the trust's patient not restricted."""
+    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for part in chunks(sorted(set(learner_keys))):
+        q = (select(links)
+             .join(patients, (patients.c.trust_ods == links.c.trust_ods)
+                   & (patients.c.patient_ref == links.c.patient_ref))
+             .where(links.c.learner_key.in_(part), links.c.withdrawn.is_(False), patients.c.restricted.is_(False)))
+        for r in conn.execute(q).mappings():
+            out[r["learner_key"]].append(dict(r))
+    return out
 
 
 def suspend_sensitive(conn: Connection, run_id: str) -> int:
@@ -82,13 +102,13 @@ def match_pending(conn: Connection, run_id: str, school_urns: Iterable[str] | No
     need_schools = sorted({p["school_urn"] for p in pats if p["school_urn"]})
 
     roll: dict[tuple[str, str], list[dict[str, object]]] = defaultdict(list)
-    for i in range(0, len(need_schools), 500):
+    for part in chunks(need_schools, 500):
         rows = conn.execute(
             select(
                 learners.c.learner_key, learners.c.school_urn, learners.c.match_hash,
                 learners.c.looked_after, learners.c.adopted, learners.c.child_protection,
                 learners.c.do_not_tell_parent,
-            ).where(learners.c.school_urn.in_(need_schools[i : i + 500]))
+            ).where(learners.c.school_urn.in_(part))
         ).mappings()
         for r in rows:
             roll[(r["school_urn"], r["match_hash"])].append(dict(r))
@@ -111,7 +131,7 @@ def match_pending(conn: Connection, run_id: str, school_urns: Iterable[str] | No
                 reason = ReviewReason.SEVERAL_CANDIDATES
             else:
                 candidate = cands[0]
-                if any(candidate[f] for f in SENSITIVE_FLAGS):
+                if is_sensitive(candidate):
                     reason = ReviewReason.SENSITIVE_CASE
                 elif (candidate["learner_key"], p["trust_ods"]) in taken:
                     reason = ReviewReason.ALREADY_LINKED

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from sqlalchemy import Connection, delete, select
 
 from schoolslink.model import Consent, ConsentDecision, ConsentGiver, Direction
+from schoolslink.store.query import chunks
 from schoolslink.store.schema import consents
 from schoolslink.store.upsert import upsert
 
@@ -58,8 +59,8 @@ def forget(conn: Connection, consent_ids: Iterable[str]) -> int:
     """Remove records the source has retracted (e.g. a trust Consent later marked entered-in-error)."""
     ids = sorted(set(consent_ids))
     n = 0
-    for i in range(0, len(ids), 900):
-        n += conn.execute(delete(consents).where(consents.c.consent_id.in_(ids[i : i + 900]))).rowcount or 0
+    for part in chunks(ids):
+        n += conn.execute(delete(consents).where(consents.c.consent_id.in_(part))).rowcount or 0
     return n
 
 
@@ -67,8 +68,8 @@ def load_for(conn: Connection, subject_keys: Iterable[str]) -> dict[str, list[Co
     """Every consent record (school and trust side) for these subject keys, by subject key."""
     keys = sorted(set(subject_keys))
     out: dict[str, list[Consent]] = defaultdict(list)
-    for i in range(0, len(keys), 900):
-        for r in conn.execute(select(consents).where(consents.c.subject_key.in_(keys[i : i + 900]))).mappings():
+    for part in chunks(keys):
+        for r in conn.execute(select(consents).where(consents.c.subject_key.in_(part))).mappings():
             out[r["subject_key"]].append(
                 Consent(
                     consent_id=r["consent_id"],

@@ -14,21 +14,21 @@ from collections import defaultdict
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection
 
 from connectors.fhir.client import EntryResult, FhirClient
 from connectors.fhir.errors import FhirError
 from schoolslink import ledger, outbox, workstore
+from schoolslink.constants import PURPOSE_SUPPORT as PURPOSE
 from schoolslink.endpoints import fhir_base
 from schoolslink.governance import register
 from schoolslink.governance.agreement import Agreement, agreement_for, load_agreements
 from schoolslink.governance.consent import ConsentFacts, decide
-from schoolslink.governance.matching import SENSITIVE_FLAGS
+from schoolslink.governance.matching import is_sensitive, live_links
 from schoolslink.model import Direction, Disclosure
 from schoolslink.pipeline.common import quarantine_rows, store
-from schoolslink.store.schema import learners, links, patients
-
-PURPOSE = "cypmhs-school-support"
+from schoolslink.store.query import rows_by
+from schoolslink.store.schema import learners
 
 
 def deliver_outbound(
@@ -106,19 +106,12 @@ def _recheck(conn: Connection, rows: list[dict[str, Any]], agreements: list[Agre
     subjects = sorted({r["subject_key"] for r in rows})
     facts: dict[str, ConsentFacts] = {}
     sensitive: set[str] = set()
-    live_links: set[tuple[str, str, str]] = set()
-    for i in range(0, len(subjects), 900):
-        part = subjects[i : i + 900]
-        for lr in conn.execute(select(learners).where(learners.c.learner_key.in_(part))).mappings():
-            facts[lr["learner_key"]] = ConsentFacts(lr["age_years"], lr["competent"], lr["looked_after"])
-            if lr["left_school"] or lr["plain"] is None or any(lr[f] for f in SENSITIVE_FLAGS):
-                sensitive.add(lr["learner_key"])
-        q = (select(links.c.learner_key, links.c.trust_ods, links.c.patient_ref)
-             .join(patients, (patients.c.trust_ods == links.c.trust_ods)
-                   & (patients.c.patient_ref == links.c.patient_ref))
-             .where(links.c.learner_key.in_(part), links.c.withdrawn.is_(False), patients.c.restricted.is_(False)))
-        for lk in conn.execute(q):
-            live_links.add((lk.learner_key, lk.trust_ods, lk.patient_ref))
+    for key, [lr] in rows_by(conn, learners, "learner_key", subjects).items():
+        facts[key] = ConsentFacts.of(lr)
+        if lr["left_school"] or lr["plain"] is None or is_sensitive(lr):
+            sensitive.add(key)
+    links_now = {(key, lk["trust_ods"], lk["patient_ref"])
+                 for key, lks in live_links(conn, subjects).items() for lk in lks}
     records = register.load_for(conn, subjects + sorted({r["patient_key"] for r in rows}))
     keep = []
     for r in rows:
@@ -126,7 +119,7 @@ def _recheck(conn: Connection, rows: list[dict[str, Any]], agreements: list[Agre
         if agreement is None or r["item"] not in agreement.allowed(Direction.SCHOOL_TO_TRUST):
             counts["stopped_at_delivery_agreement"] += 1
             continue
-        if (r["subject_key"], r["destination"], r["patient_ref"]) not in live_links or r["subject_key"] in sensitive \
+        if (r["subject_key"], r["destination"], r["patient_ref"]) not in links_now or r["subject_key"] in sensitive \
                 or r["subject_key"] not in facts:
             counts["stopped_at_delivery_link_or_flags"] += 1
             continue

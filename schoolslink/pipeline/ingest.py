@@ -20,21 +20,22 @@ from connectors.mis.consent_register import RegisterFlags, read_register
 from connectors.mis.ctf import CtfReader
 from connectors.mis.errors import MisInputError
 from schoolslink import workstore
+from schoolslink.constants import PURPOSE_SUPPORT as PURPOSE
 from schoolslink.governance import register
 from schoolslink.governance.agreement import Agreement, agreement_for, load_agreements
-from schoolslink.governance.consent import ConsentFacts, decide
-from schoolslink.governance.matching import SENSITIVE_FLAGS, match_pending
+from schoolslink.governance.consent import ConsentFacts, allowed_items, decide
+from schoolslink.governance.matching import is_sensitive, live_links, match_pending
 from schoolslink.keys import learner_key, match_hash
 from schoolslink.mapping import school_context
 from schoolslink.mapping.engine import MappingError, load_mappings
 from schoolslink.model import Consent, Direction, Learner
 from schoolslink.pipeline.common import age_on, chunked, quarantine_rows, store
 from schoolslink.settings import home, landing_dir
-from schoolslink.store.schema import learners, links, patients
+from schoolslink.store.query import chunks
+from schoolslink.store.schema import learners
 from schoolslink.store.upsert import upsert
 from schoolslink.validation import build_feature_frame, validate_learner_features
 
-PURPOSE = "cypmhs-school-support"
 CONTEXT_MAPPING = "school-context-observations"
 
 
@@ -150,9 +151,9 @@ def _read_registers(conn: Connection, run_id: str, urns: list[str], counts: dict
 
 def _stored_flags(conn: Connection, keys: list[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for i in range(0, len(keys), 900):
+    for part in chunks(keys):
         q = select(learners.c.learner_key, learners.c.competent, learners.c.child_protection,
-                   learners.c.do_not_tell_parent).where(learners.c.learner_key.in_(keys[i : i + 900]))
+                   learners.c.do_not_tell_parent).where(learners.c.learner_key.in_(part))
         for r in conn.execute(q).mappings():
             out[r["learner_key"]] = dict(r)
     return out
@@ -196,7 +197,7 @@ def govern_map(run_id: str, part: dict[str, Any], run_date: date) -> dict[str, A
         counts["to_review"] = m.review
 
         # Plain data only for learners with an active consent (school or trust side) for this school.
-        lks = _linked(conn, keys)
+        lks = live_links(conn, keys)
         consents = register.load_for(conn, keys + [lk["patient_key"] for ls in lks.values() for lk in ls])
         plain_rows = []
         for r, row in zip(rows, roll, strict=True):
@@ -206,7 +207,7 @@ def govern_map(run_id: str, part: dict[str, Any], run_date: date) -> dict[str, A
             recs = register.for_school(
                 consents.get(key, []) + [c for lk in lks.get(key, []) for c in consents.get(lk["patient_key"], [])],
                 row["school_urn"])
-            facts = ConsentFacts(row["age_years"], row["competent"], row["looked_after"])
+            facts = ConsentFacts.of(row)
             if any(decide(recs, facts, d, PURPOSE, run_date).allowed for d in Direction):
                 row["plain"] = r
                 plain_rows.append({"learner_key": key, "plain": r})
@@ -237,32 +238,6 @@ def _mark_missing_as_left(conn: Connection, run_id: str, full_schools: list[str]
     return int(res.rowcount or 0)
 
 
-def _linked(conn: Connection, keys: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """Live links of these learners whose patient is not restricted."""
-    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for i in range(0, len(keys), 900):
-        q = (select(links).join(patients, (patients.c.trust_ods == links.c.trust_ods)
-                                & (patients.c.patient_ref == links.c.patient_ref))
-             .where(links.c.learner_key.in_(keys[i : i + 900]), links.c.withdrawn.is_(False),
-                    patients.c.restricted.is_(False)))
-        for r in conn.execute(q).mappings():
-            out[r["learner_key"]].append(dict(r))
-    return out
-
-
-def allowed_items(
-    agreement: Agreement, records: list[Consent], facts: ConsentFacts, direction: Direction, at: date
-) -> tuple[frozenset[str], str | None]:
-    """Agreement ∩ consent: the items that may go, and the consent id that allows them."""
-    items, consent_id = set(), None
-    for item in sorted(agreement.allowed(direction)):
-        d = decide(records, facts, direction, PURPOSE, at, item)
-        if d.allowed:
-            items.add(item)
-            consent_id = consent_id or d.consent_id
-    return frozenset(items), consent_id
-
-
 def _map_outbound(
     conn: Connection,
     run_id: str,
@@ -282,7 +257,7 @@ def _map_outbound(
         if r["left_school"]:
             counts["not_sent_left_school"] += 1
             continue
-        if any(r[f] for f in SENSITIVE_FLAGS):
+        if is_sensitive(r):
             counts["not_sent_sensitive_case"] += 1
             continue
         if r["plain"] is None:  # no active consent from anyone who may decide
@@ -295,8 +270,8 @@ def _map_outbound(
                 continue
             records = register.for_school(consents.get(key, []) + consents.get(lk["patient_key"], []),
                                           r["school_urn"])
-            facts = ConsentFacts(r["age_years"], r["competent"], r["looked_after"])
-            items, consent_id = allowed_items(agreement, records, facts, Direction.SCHOOL_TO_TRUST, run_date)
+            items, consent_id = allowed_items(agreement, records, ConsentFacts.of(r), Direction.SCHOOL_TO_TRUST,
+                                              PURPOSE, run_date)
             if not items or consent_id is None:
                 counts["refused_by_consent"] += 1
                 continue

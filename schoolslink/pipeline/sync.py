@@ -23,6 +23,7 @@ from schoolslink.governance.matching import match_pending
 from schoolslink.mapping import fhir_inbound as fin
 from schoolslink.model import Consent, ConsentDecision
 from schoolslink.pipeline.common import quarantine_rows, store
+from schoolslink.store.query import chunks
 from schoolslink.store.schema import (
     consents,
     patients,
@@ -205,9 +206,9 @@ def _store_consents(conn: Connection, run_id: str, trust: str, batch: list[dict[
 
     refs = sorted({r["patient_ref"] for r in latest.values() if r is not None})
     keys: dict[str, str] = {}
-    for i in range(0, len(refs), 900):
+    for part in chunks(refs):
         keys.update(conn.execute(select(patients.c.patient_ref, patients.c.patient_key).where(
-            patients.c.trust_ods == trust, patients.c.patient_ref.in_(refs[i : i + 900]))).tuples().all())
+            patients.c.trust_ods == trust, patients.c.patient_ref.in_(part))).tuples().all())
     records: list[Consent] = []
     keep: set[str] = set()
     bad_patient: list[tuple[str | None, str | None, str]] = []
