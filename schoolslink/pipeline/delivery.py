@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from connectors.fhir.client import EntryResult, FhirClient
+from connectors.fhir.client import FhirClient
 from connectors.fhir.errors import FhirError
 from schoolslink import ledger, outbox, workstore
 from schoolslink.constants import PURPOSE_SUPPORT as PURPOSE
@@ -133,5 +133,3 @@ def _recheck(conn: Connection, rows: list[dict[str, Any]], agreements: list[Agre
                      "agreement_version": agreement.version})
     return keep
 
-
-__all__ = ["EntryResult", "deliver_outbound"]
