@@ -14,7 +14,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, bindparam, select, update
 
 from connectors.mis.consent_register import RegisterFlags, read_register
 from connectors.mis.ctf import CtfReader
@@ -210,9 +210,10 @@ def govern_map(run_id: str, part: dict[str, Any], run_date: date) -> dict[str, A
             facts = ConsentFacts.of(row)
             if any(decide(recs, facts, d, PURPOSE, run_date).allowed for d in Direction):
                 row["plain"] = r
-                plain_rows.append({"learner_key": key, "plain": r})
-        for p in plain_rows:
-            conn.execute(update(learners).where(learners.c.learner_key == p["learner_key"]).values(plain=p["plain"]))
+                plain_rows.append({"key": key, "plain": r})
+        if plain_rows:  # one executemany, not a statement a learner
+            conn.execute(update(learners).where(learners.c.learner_key == bindparam("key"))
+                         .values(plain=bindparam("plain")), plain_rows)
         counts["with_consent"] = len(plain_rows)
         outbound = _map_outbound(conn, run_id, roll, lks, consents, agreements, run_date, counts)
     workstore.remove(part["learners_key"])  # pupil data leaves the work store as soon as it is governed
