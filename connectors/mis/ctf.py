@@ -72,6 +72,8 @@ from typing import IO, Any, Final, TypeAlias
 
 from lxml import etree
 
+from connectors.mis.base import MisWarning as CtfWarning
+from connectors.mis.base import Quarantined
 from connectors.mis.errors import CtfRefused
 from schoolslink.errors import ConfigurationError
 from schoolslink.identifiers import is_valid_upn
@@ -126,24 +128,6 @@ class CtfHeader:
     def major_version(self) -> str:
         head = self.version.split(".", 1)[0]
         return str(int(head)) if head.isdigit() else head
-
-
-@dataclass(frozen=True, slots=True)
-class Quarantined:
-    """A pupil record held back. `record` is its position ('pupil#17'), never an identifier or a name."""
-
-    record: str
-    field: str  # the first field at fault
-    reason: str  # every problem found, for a data manager, ending '(pupil #17)'
-
-
-@dataclass(frozen=True, slots=True)
-class CtfWarning:
-    """Something dropped or doubtful that did not stop a record: 'header' or 'pupil#N', field, message."""
-
-    record: str
-    field: str
-    message: str
 
 
 @dataclass(slots=True)
