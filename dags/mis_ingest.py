@@ -1,7 +1,8 @@
 """mis_ingest: school MIS exports -> the school context each trust may have, as FHIR resources we own.
 
-landing zone -> parse CTF -> validate (Great Expectations) -> govern (agreement, consent, identity
-match) -> map -> outbox -> FHIR batch of PUT by id -> ledger. Fanned out over a few chunks of schools.
+pull MIS APIs (Wonde) -> landing zone (sealed) -> parse CTF / CSV / Wonde -> validate (Great
+Expectations) -> govern (agreement, consent, identity match, leavers and moves) -> map -> outbox -> FHIR
+batch of PUT by id -> ledger. Fanned out over a few chunks of schools.
 Wiring only: every task calls one function of schoolslink/.
 """
 
@@ -24,7 +25,15 @@ from airflow.sdk import dag, task
 )
 def mis_ingest() -> None:
     @task
-    def plan() -> list[dict[str, Any]]:
+    def pull() -> dict[str, int]:
+        from schoolslink import airflow_glue
+        from schoolslink.pipeline import pull
+
+        run_id, _, now = airflow_glue.run_facts()
+        return pull.pull_sources(run_id, now)
+
+    @task
+    def plan(pulled: dict[str, int]) -> list[dict[str, Any]]:
         from schoolslink import airflow_glue
         from schoolslink.pipeline import ingest
 
@@ -48,17 +57,18 @@ def mis_ingest() -> None:
         return ingest.govern_map(run_id, part, run_date)
 
     @task
-    def deliver(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    def deliver(parts: list[dict[str, Any]], pulled: dict[str, int]) -> dict[str, Any]:
         from schoolslink import airflow_glue, runs
         from schoolslink.pipeline import ingest
 
         run_id, run_date, now = airflow_glue.run_facts()
         parts = list(parts)
         sent = ingest.deliver(run_id, parts, run_date, now)
-        summary = {**runs.merge_counts(parts), **sent}
+        summary = {**runs.merge_counts(parts), **pulled, **sent}
         return runs.finish(run_id, "mis_ingest", airflow_glue.started_at(), now, summary)
 
-    deliver(govern_map.expand(part=parse_validate.expand(chunk=plan())))
+    pulled = pull()
+    deliver(govern_map.expand(part=parse_validate.expand(chunk=plan(pulled))), pulled)
 
 
 mis_ingest_dag = mis_ingest()

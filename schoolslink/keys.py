@@ -53,6 +53,26 @@ def learner_key(upn: str) -> str:
     return pseudonym("lrn", upn.strip().upper())
 
 
+def learner_identity(upn: str | None, uln: str | None) -> str:
+    """What keys a learner: the UPN; for a college learner with none, 'ULN:' + the ULN (never a UPN's shape)."""
+    u = (upn or "").strip().upper()
+    if u:
+        return u
+    if uln and uln.strip():
+        return "ULN:" + uln.strip()
+    raise ValueError("a learner needs a UPN or a ULN")
+
+
+def learner_key_of(row: dict[str, object]) -> str:
+    """The learner key of a canonical learner dict (UPN, else ULN)."""
+    return learner_key(learner_identity(str(row.get("upn") or ""), str(row.get("uln") or "")))
+
+
+def source_key(source: str, school_urn: str, source_id: str) -> str:
+    """A keyed id for a MIS's own record id (e.g. a Wonde student id) at one school."""
+    return pseudonym("src", f"{source}\x1f{school_urn}\x1f{source_id}")
+
+
 def patient_key(nhs_number: str) -> str:
     return pseudonym("pat", nhs_number.replace(" ", ""))
 

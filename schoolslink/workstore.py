@@ -1,17 +1,19 @@
 """The work store: files a run's tasks hand each other by storage key, never through XCom.
 
-Keys are relative paths under `SCHOOLSLINK_HOME/work/`; a task returns keys and counts only.
+Keys are relative paths under `SCHOOLSLINK_HOME/work/`; a task returns keys and counts only. The files
+carry pupil data for the length of a run, so they are sealed (AES-256-GCM, connectors/storage/sealed.py)
+like the landing zone: nothing a task hands another rests on disk in plain.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from connectors.storage.sealed import SealWriter, open_text_sealed
 from schoolslink.settings import work_dir
 
 
@@ -30,15 +32,22 @@ def path_for(key: str) -> Path:
 
 def write_jsonl(key: str, rows: Iterable[dict[str, Any]]) -> int:
     p = path_for(key)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
+    w = SealWriter(p, {"kind": "work"})
     n = 0
-    with tmp.open("w", encoding="utf-8") as f:
+    buf: list[str] = []
+    try:
         for row in rows:
-            f.write(json.dumps(row, default=str, separators=(",", ":")))
-            f.write("\n")
+            buf.append(json.dumps(row, default=str, separators=(",", ":")))
             n += 1
-    os.replace(tmp, p)
+            if len(buf) >= 512:
+                w.write(("\n".join(buf) + "\n").encode())
+                buf.clear()
+        if buf:
+            w.write(("\n".join(buf) + "\n").encode())
+    except BaseException:
+        w.abort()
+        raise
+    w.close()
     return n
 
 
@@ -46,7 +55,7 @@ def read_jsonl(key: str) -> Iterator[dict[str, Any]]:
     p = path_for(key)
     if not p.exists():
         return
-    with p.open(encoding="utf-8") as f:
+    with open_text_sealed(p) as f:
         for line in f:
             if line.strip():
                 yield json.loads(line)

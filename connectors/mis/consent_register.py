@@ -123,10 +123,11 @@ def _refuse(reason: str) -> ConsentRegister:
     return ConsentRegister(refused=reason)
 
 
-def read_register(path: Path, school_urn: str) -> ConsentRegister:
+def read_register(source: Path | bytes, school_urn: str) -> ConsentRegister:
+    """Read a register from a file or from its bytes (a sealed file's plaintext)."""
     reg = ConsentRegister()
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        text = (source if isinstance(source, bytes) else source.read_bytes()).decode("utf-8-sig")
     except UnicodeDecodeError:
         return _refuse("consent register is not UTF-8 text: export it again as CSV (UTF-8)")
     parsed: list[tuple[str, str, Consent, RegisterFlags]] = []  # (where, record_id, consent, flags)

@@ -72,8 +72,8 @@ from typing import IO, Any, Final, TypeAlias
 
 from lxml import etree
 
+from connectors.mis.base import MisExport, Quarantined
 from connectors.mis.base import MisWarning as CtfWarning
-from connectors.mis.base import Quarantined
 from connectors.mis.errors import CtfRefused
 from schoolslink.errors import ConfigurationError
 from schoolslink.identifiers import is_valid_upn
@@ -441,7 +441,7 @@ class CtfReader:
     def accepted_versions(self) -> tuple[str, ...]:
         return self._versions
 
-    def read(self, path: str | os.PathLike[str]) -> CtfResult:
+    def read(self, path: str | os.PathLike[str] | IO[bytes]) -> CtfResult:
         """Read a whole file. Raises CtfRefused for a bad file, and then nothing from it is returned.
 
         The cyclic garbage collector is paused while the file is read (and restored after, also on error):
@@ -465,17 +465,31 @@ class CtfReader:
         assert header is not None  # iter_learners refuses a file without one
         return CtfResult(header, learners, quarantined, warnings)
 
-    def iter_learners(self, path: str | os.PathLike[str]) -> Iterator[CtfItem]:
+    def iter_learners(self, path: str | os.PathLike[str] | IO[bytes]) -> Iterator[CtfItem]:
         """Stream a file: the CtfHeader first, then per pupil any CtfWarnings and its Learner or Quarantined.
 
         Raises CtfRefused for a bad file, possibly after some items were yielded (the file is only known to
         be whole at its end): a caller must then discard everything it received from this file.
         """
         mapping = _learner_mapping(self._mappings)  # a broken mapping is a ConfigurationError, not the file's
+        if hasattr(path, "read"):  # an open, seekable binary stream (a sealed file from the landing zone)
+            f: Any = path
+            f.seek(0)
+            _sniff(f)
+            f.seek(0)
+            yield from _FileReader(self._versions, mapping).run(f)
+            return
         with open(path, "rb") as f:
             _sniff(f)
             f.seek(0)
             yield from _FileReader(self._versions, mapping).run(f)
+
+    def read_export(self, source: str | os.PathLike[str] | IO[bytes]) -> MisExport:
+        """`read`, as the MisExport every MIS reader returns (format 'ctf')."""
+        r = self.read(source)
+        h = r.header
+        return MisExport("ctf", h.version, h.source_urn, h.qualifier, h.datetime, r.learners, r.quarantined,
+                         r.warnings, records=len(r.learners) + len(r.quarantined))
 
 
 def iter_learners(path: str | os.PathLike[str], accepted_versions: Iterable[str] | None = None) -> Iterator[CtfItem]:

@@ -1,4 +1,4 @@
-"""mis_ingest stages: landing zone -> parse CTF -> validate (GX) -> govern -> map -> outbox -> FHIR -> ledger.
+"""mis_ingest stages: landing zone -> parse (CTF, CSV, Wonde) -> validate (GX) -> govern -> map -> outbox -> FHIR.
 
 Each function is one Airflow task's work over a chunk of schools; they hand each other storage keys.
 One school's bad export halts that school only: it is refused whole, moved aside, and the reason
@@ -8,31 +8,31 @@ recorded; the other schools go on. The work files that carry pupil data live onl
 
 from __future__ import annotations
 
-import shutil
 from collections import defaultdict
-from datetime import date, datetime
-from pathlib import Path
+from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
-from connectors.mis.consent_register import RegisterFlags, read_register
-from connectors.mis.ctf import CtfReader
-from connectors.mis.errors import MisInputError
+from connectors.mis.base import MisExport
+from connectors.mis.consent_register import ConsentRegister, RegisterFlags, read_register
+from connectors.mis.errors import FileRefused, MisInputError
+from connectors.mis.read import read_export
+from connectors.storage.landing import Landed, LandingZone
+from connectors.storage.sealed import SealedFileError
 from schoolslink import workstore
 from schoolslink.constants import PURPOSE_SUPPORT as PURPOSE
 from schoolslink.governance import register
 from schoolslink.governance.agreement import Agreement, agreement_for, load_agreements
 from schoolslink.governance.consent import ConsentFacts, allowed_items, decide
 from schoolslink.governance.matching import is_sensitive, live_links, match_pending
-from schoolslink.keys import learner_key, match_hash
+from schoolslink.keys import learner_identity, learner_key, learner_key_of, match_hash, source_key
 from schoolslink.mapping import school_context
 from schoolslink.mapping.engine import MappingError, load_mappings
 from schoolslink.model import Consent, Direction, Learner
 from schoolslink.pipeline.common import age_on, chunked, quarantine_rows, store
-from schoolslink.settings import home, landing_dir
 from schoolslink.store.query import chunks
-from schoolslink.store.schema import learners
+from schoolslink.store.schema import learner_events, learners, source_ids
 from schoolslink.store.upsert import upsert
 from schoolslink.validation import build_feature_frame, validate_learner_features
 
@@ -40,64 +40,79 @@ CONTEXT_MAPPING = "school-context-observations"
 
 
 def plan(run_id: str, max_chunks: int) -> list[dict[str, Any]]:
-    """The schools with an export in the landing zone, split into chunks (URNs are not pupil data)."""
+    """Seal what was dropped, drop what is past retention, and split the schools with exports into chunks.
+
+    URNs and storage keys only: never pupil data.
+    """
     slug = workstore.run_slug(run_id)
     workstore.purge_pupil_files(keep_run=slug)
-    root = landing_dir() / "mis"
-    urns = sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.xml"))) if root.exists() else []
+    zone = LandingZone()
+    zone.intake()
+    zone.purge()
+    urns = zone.schools("mis")
     return [{"run": slug, "chunk": i, "schools": part} for i, part in enumerate(chunked(urns, max_chunks))]
 
 
-def _newest_export(urn: str) -> Path | None:
-    files = sorted((landing_dir() / "mis" / urn).glob("*.xml"))
-    return files[-1] if files else None
+def _read_school(zone: LandingZone, conn: Connection, run_id: str, urn: str, counts: dict[str, int]
+                 ) -> list[tuple[Landed, MisExport]]:
+    """The school's newest full export and every export landed after it, oldest first.
 
-
-def _key_of(path: Path) -> str:
-    return str(path.relative_to(home()))
-
-
-def _move_aside(path: Path) -> Path:
-    dest = landing_dir() / "refused" / path.parent.name
-    dest.mkdir(parents=True, exist_ok=True)
-    target = dest / path.name
-    shutil.move(str(path), target)
-    return target
+    A full export is the whole roll, so what came before it is superseded; a partial one (a change list, an
+    incremental pull) applies on top. A file refused whole is moved aside, sealed, with its reason, and
+    nothing from it is used; the school's other files still are.
+    """
+    out: list[tuple[Landed, MisExport]] = []
+    for landed in reversed(zone.sealed("mis", urn)):
+        counts["files"] += 1
+        try:
+            with landed.open() as f:
+                export = read_export(f, school_urn=urn, name=landed.path.name)
+            if export.school_urn is not None and export.school_urn != urn:
+                raise FileRefused(f"the export says it is from school {export.school_urn}, but it landed in the "
+                                  f"folder of school {urn}: check where it was sent")
+        except (MisInputError, SealedFileError) as exc:
+            counts["refused_files"] += 1
+            moved = zone.move_aside(landed, str(exc))
+            quarantine_rows(conn, run_id, str(moved.relative_to(zone.root)), [(None, None, f"file refused: {exc}")])
+            continue
+        out.append((landed, export))
+        if export.qualifier == "full":
+            break
+    out.reverse()
+    return out
 
 
 def parse_validate(run_id: str, chunk: dict[str, Any], run_date: date) -> dict[str, Any]:
-    """Parse each school's newest CTF, refuse bad files whole, quarantine bad records (reader + GX)."""
-    reader = CtfReader()
+    """Read each school's exports, refuse bad files whole, quarantine bad records (readers + GX)."""
+    zone = LandingZone()
     accepted: list[Learner] = []
-    labels: list[tuple[str, int, str]] = []  # (file key, position among the file's accepted pupils, export date)
+    labels: list[tuple[str, int, str, str | None, str]] = []  # (file key, position, export date, source id, format)
     full_schools: list[str] = []
-    counts = {"files": 0, "refused_files": 0, "read": 0, "quarantined": 0}
+    changes: list[dict[str, Any]] = []  # leavers and deletions the source reports: keys only
+    counts: dict[str, int] = defaultdict(int)
     with store().begin() as conn:
         for urn in chunk["schools"]:
-            path = _newest_export(urn)
-            if path is None:
-                continue
-            counts["files"] += 1
-            try:
-                result = reader.read(path)
-                if result.header.source_urn != urn:
-                    raise MisInputError("the CTF's source URN is not the school whose folder it landed in")
-            except MisInputError as exc:
-                counts["refused_files"] += 1
-                moved = _move_aside(path)
-                quarantine_rows(conn, run_id, _key_of(moved), [(None, None, f"file refused: {exc}")])
-                continue
-            key = _key_of(path)
-            exported = result.header.datetime.date() if result.header.datetime else run_date
-            counts["read"] += len(result.learners) + len(result.quarantined)
-            counts["quarantined"] += quarantine_rows(
-                conn, run_id, key, [(q.record, q.field, q.reason) for q in result.quarantined]
-            )
-            if result.header.qualifier == "full":
+            merged: dict[str, tuple[Learner, tuple[str, int, str, str | None, str]]] = {}
+            exports = _read_school(zone, conn, run_id, urn, counts)
+            for landed, ex in exports:
+                exported = (ex.exported_at.date() if ex.exported_at else landed.landed_at.date()).isoformat()
+                counts["read"] += ex.records
+                counts["quarantined"] += quarantine_rows(
+                    conn, run_id, landed.key, [(q.record, q.field, q.reason) for q in ex.quarantined])
+                ids = ex.source_ids or [None] * len(ex.learners)
+                for k, (lr, sid) in enumerate(zip(ex.learners, ids, strict=True), start=1):
+                    merged[learner_identity(lr.upn, lr.uln)] = (lr, (landed.key, k, exported, sid, ex.format))
+                for ident in ex.left:
+                    merged.pop(ident, None)
+                    changes.append({"kind": "left", "learner_key": learner_key(ident), "source": landed.key})
+                for sid in ex.deleted_source_ids:
+                    changes.append({"kind": "deleted", "source_key": source_key(ex.format, urn, sid),
+                                    "source": landed.key})
+            if exports and exports[0][1].qualifier == "full":
                 full_schools.append(urn)
-            for k, lr in enumerate(result.learners, start=1):
+            for lr, label in merged.values():
                 accepted.append(lr)
-                labels.append((key, k, exported.isoformat()))
+                labels.append(label)
 
         frame = build_feature_frame(accepted, run_date)
         docs = workstore.path_for(f"{chunk['run']}/chunk-{chunk['chunk']}/gx")
@@ -114,11 +129,16 @@ def parse_validate(run_id: str, chunk: dict[str, Any], run_date: date) -> dict[s
             continue
         d = lr.to_dict()
         d["export_date"] = labels[i][2]
+        d["source_id"] = labels[i][3]
+        d["source_format"] = labels[i][4]
         rows.append(d)
     key = f"{chunk['run']}/chunk-{chunk['chunk']}/learners.jsonl"
     workstore.write_jsonl(key, rows)
+    changes_key = f"{chunk['run']}/chunk-{chunk['chunk']}/changes.jsonl"
+    workstore.write_jsonl(changes_key, changes)
     return {"run": chunk["run"], "chunk": chunk["chunk"], "schools": chunk["schools"], "learners_key": key,
-            "full_schools": full_schools, "accepted": len(rows), "gx_success": summary.success, **counts}
+            "changes_key": changes_key, "full_schools": full_schools, "accepted": len(rows),
+            "gx_success": summary.success, **counts}
 
 
 def _read_registers(conn: Connection, run_id: str, urns: list[str], counts: dict[str, int]
@@ -126,14 +146,21 @@ def _read_registers(conn: Connection, run_id: str, urns: list[str], counts: dict
     """Each school's consent register: records saved, flags merged; returns (flags, schools read)."""
     flags: dict[str, RegisterFlags] = {}
     read_ok: set[str] = set()
+    zone = LandingZone()
     for urn in urns:
-        path = landing_dir() / "consent" / f"{urn}.csv"
-        if not path.exists():
+        landed = zone.sealed("consent", urn)
+        if not landed:
             continue
-        reg = read_register(path, urn)
-        refused = getattr(reg, "refused", None)
+        newest = landed[-1]  # a register is the school's whole current register: the newest one replaces
+        try:
+            with newest.open() as fh:
+                reg = read_register(fh.read(), urn)
+        except SealedFileError as exc:
+            reg = ConsentRegister(refused=str(exc))
+        refused = reg.refused
+        src = newest.key
         if refused:
-            quarantine_rows(conn, run_id, _key_of(path), [(None, None, f"consent register refused: {refused}")])
+            quarantine_rows(conn, run_id, src, [(None, None, f"consent register refused: {refused}")])
             counts["consent_registers_refused"] += 1
             continue
         counts["consent_records_dropped"] += register.replace_school_register(
@@ -145,7 +172,7 @@ def _read_registers(conn: Connection, run_id: str, urns: list[str], counts: dict
             mine.do_not_tell_parent |= f.do_not_tell_parent
         read_ok.add(urn)
         counts["consent_records"] += len(reg.consents)
-        counts["consent_rows_quarantined"] += quarantine_rows(conn, run_id, _key_of(path), reg.quarantined)
+        counts["consent_rows_quarantined"] += quarantine_rows(conn, run_id, src, reg.quarantined)
     return flags, read_ok
 
 
@@ -166,7 +193,8 @@ def govern_map(run_id: str, part: dict[str, Any], run_date: date) -> dict[str, A
     counts: dict[str, int] = defaultdict(int)
     with store().begin() as conn:
         flags, registers_read = _read_registers(conn, run_id, part["schools"], counts)
-        keys = [learner_key(r["upn"]) for r in rows]
+        keys = [learner_key_of(r) for r in rows]
+        prior = _prior(conn, keys)
         # A school whose register could not be read keeps the flags it last gave: a missing file must
         # never clear a child-protection or do-not-tell-parent flag.
         kept = _stored_flags(conn, [k for k, r in zip(keys, rows, strict=True)
@@ -185,13 +213,22 @@ def govern_map(run_id: str, part: dict[str, Any], run_date: date) -> dict[str, A
                 "do_not_tell_parent": fl.do_not_tell_parent or bool(lf["do_not_tell_parent"])
                 or bool(prev.get("do_not_tell_parent")),
                 "competent": fl.competent or bool(prev.get("competent")),
-                "left_school": bool(r.get("leaving_date")),
+                "left_school": bool(r.get("leaving_date")) and str(r["leaving_date"]) <= run_date.isoformat(),
                 "age_years": age_on(date.fromisoformat(r["dob"]), run_date),
                 "plain": None, "updated_run": run_id,
             })
         upsert(conn, learners, roll, ["learner_key"])
         counts["learners"] = len(roll)
-        counts["marked_left"] = _mark_missing_as_left(conn, run_id, part.get("full_schools", []))
+        now = datetime.now(UTC)
+        events = _roll_events(roll, prior, rows, run_id, now)
+        _record_source_ids(conn, rows, keys, run_id)
+        changes = list(workstore.read_jsonl(part["changes_key"])) if part.get("changes_key") else []
+        counts["marked_left"] = (_mark_missing_as_left(conn, run_id, part.get("full_schools", []), events, now)
+                                 + _apply_reported_leavers(conn, run_id, changes, events, now))
+        if events:
+            conn.execute(insert(learner_events), events)
+        for e in events:
+            counts[f"learners_{e['kind']}"] += 1
         m = match_pending(conn, run_id, part["schools"])
         counts["linked_now"] = m.linked
         counts["to_review"] = m.review
@@ -217,6 +254,8 @@ def govern_map(run_id: str, part: dict[str, Any], run_date: date) -> dict[str, A
         counts["with_consent"] = len(plain_rows)
         outbound = _map_outbound(conn, run_id, roll, lks, consents, agreements, run_date, counts)
     workstore.remove(part["learners_key"])  # pupil data leaves the work store as soon as it is governed
+    if part.get("changes_key"):
+        workstore.remove(part["changes_key"])
     key = f"{part['run']}/chunk-{part['chunk']}/outbound.jsonl"
     workstore.write_jsonl(key, outbound)
     carried: dict[str, Any] = {
@@ -226,17 +265,90 @@ def govern_map(run_id: str, part: dict[str, Any], run_date: date) -> dict[str, A
             **carried, **dict(counts)}
 
 
-def _mark_missing_as_left(conn: Connection, run_id: str, full_schools: list[str]) -> int:
-    """A full export is the whole roll: a pupil it no longer lists has left, and keeps no plain data."""
+def _prior(conn: Connection, keys: list[str]) -> dict[str, tuple[str, bool]]:
+    """What the store knew of these learners before this run: (school URN, left school)."""
+    out: dict[str, tuple[str, bool]] = {}
+    for part in chunks(keys):
+        q = select(learners.c.learner_key, learners.c.school_urn, learners.c.left_school).where(
+            learners.c.learner_key.in_(part))
+        for k, urn, left in conn.execute(q):
+            out[k] = (urn, bool(left))
+    return out
+
+
+def _event(key: str, kind: str, from_urn: str | None, to_urn: str | None, source: str, run_id: str,
+           at: datetime) -> dict[str, Any]:
+    return {"learner_key": key, "kind": kind, "from_urn": from_urn, "to_urn": to_urn, "source": source,
+            "run_id": run_id, "at": at}
+
+
+def _roll_events(roll: list[dict[str, Any]], prior: dict[str, tuple[str, bool]], rows: list[dict[str, Any]],
+                 run_id: str, at: datetime) -> list[dict[str, Any]]:
+    """A learner now at another school moved; one whose export gives a leaving date left; one back returned."""
+    events = []
+    for r, raw in zip(roll, rows, strict=True):
+        before = prior.get(r["learner_key"])
+        if before is None:
+            continue
+        urn, was_left = before
+        src = f"{raw.get('source_format') or 'export'} of school {r['school_urn']}"
+        if urn != r["school_urn"]:
+            events.append(_event(r["learner_key"], "moved", urn, r["school_urn"], src, run_id, at))
+        elif r["left_school"] and not was_left:
+            events.append(_event(r["learner_key"], "left", urn, None, src, run_id, at))
+        elif was_left and not r["left_school"]:
+            events.append(_event(r["learner_key"], "returned", None, urn, src, run_id, at))
+    return events
+
+
+def _record_source_ids(conn: Connection, rows: list[dict[str, Any]], keys: list[str], run_id: str) -> None:
+    """Remember each MIS record id (keyed) against its learner, so a deletion naming only that id resolves."""
+    ids = [{"source_key": source_key(r["source_format"], r["school_urn"], r["source_id"]), "learner_key": k,
+            "updated_run": run_id} for r, k in zip(rows, keys, strict=True) if r.get("source_id")]
+    if ids:
+        upsert(conn, source_ids, ids, ["source_key"])
+
+
+def _mark_left(conn: Connection, run_id: str, keys: list[str]) -> None:
+    for part in chunks(keys):
+        conn.execute(update(learners).where(learners.c.learner_key.in_(part))
+                     .values(left_school=True, plain=None, updated_run=run_id))
+
+
+def _mark_missing_as_left(conn: Connection, run_id: str, full_schools: list[str], events: list[dict[str, Any]],
+                          at: datetime) -> int:
+    """A full export is the whole roll: a pupil it no longer lists has left, is marked (never deleted), and
+    keeps no plain data."""
     if not full_schools:
         return 0
-    res = conn.execute(
-        update(learners)
+    gone = conn.execute(
+        select(learners.c.learner_key, learners.c.school_urn)
         .where(learners.c.school_urn.in_(full_schools), learners.c.updated_run != run_id,
                learners.c.left_school.is_(False))
-        .values(left_school=True, plain=None, updated_run=run_id)
-    )
-    return int(res.rowcount or 0)
+    ).all()
+    _mark_left(conn, run_id, [k for k, _ in gone])
+    events.extend(_event(k, "left", urn, None, "not on the school's full export", run_id, at) for k, urn in gone)
+    return len(gone)
+
+
+def _apply_reported_leavers(conn: Connection, run_id: str, changes: list[dict[str, Any]],
+                            events: list[dict[str, Any]], at: datetime) -> int:
+    """Leavers and deletions a source reports itself (a Wonde pull): marked as left, never deleted."""
+    if not changes:
+        return 0
+    by_source = {c["source_key"]: c for c in changes if c["kind"] == "deleted"}
+    resolved: dict[str, str] = {c["learner_key"]: c["source"] for c in changes if c["kind"] == "left"}
+    for part in chunks(list(by_source)):
+        for sk, lk in conn.execute(select(source_ids.c.source_key, source_ids.c.learner_key)
+                                   .where(source_ids.c.source_key.in_(part))):
+            resolved.setdefault(lk, by_source[sk]["source"])
+    if not resolved:
+        return 0
+    live = conn.execute(select(learners.c.learner_key, learners.c.school_urn).where(
+        learners.c.learner_key.in_(list(resolved)), learners.c.left_school.is_(False))).all()
+    _mark_left(conn, run_id, [k for k, _ in live])
+    events.extend(_event(k, "left", urn, None, resolved[k], run_id, at) for k, urn in live)
+    return len(live)
 
 
 def _map_outbound(

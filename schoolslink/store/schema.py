@@ -236,3 +236,29 @@ feed_rows = Table(
     Column("prev_hash", String(64)),
     Column("prev_date", Date),
 )
+
+learner_events = Table(
+    "learner_events",
+    metadata,
+    # A learner left, moved school or came back: marked, never deleted, and recorded here so governance and
+    # delivery can act on it (a moved learner's old school stops seeing them; nothing more is sent for a
+    # leaver). Keys and URNs only.
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("learner_key", String(40), nullable=False, index=True),
+    Column("kind", String(10), nullable=False),  # left | moved | returned
+    Column("from_urn", String(10)),
+    Column("to_urn", String(10)),
+    Column("source", String(300), nullable=False),  # what told us: a storage key, or 'full export roll'
+    Column("run_id", String(250), nullable=False, index=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+)
+
+source_ids = Table(
+    "source_ids",
+    metadata,
+    # A MIS's own record id (e.g. a Wonde student id), keyed, to the learner it belongs to: how a deletion
+    # that names only the source's id is resolved to a learner.
+    Column("source_key", String(40), primary_key=True),  # pseudonym of (source, school, id)
+    Column("learner_key", String(40), nullable=False),
+    Column("updated_run", String(250), nullable=False),
+)

@@ -41,15 +41,18 @@ def test_bad_files_are_refused_whole_and_the_rest_go_on(sl_home: Path, store: En
     assert part["files"] == 5 and part["refused_files"] == 3
     assert part["accepted"] == 200  # the two good schools, 100 pupils each
     for f in (bomb_file, truncated, wrong):
-        assert not f.exists()
-        assert (sl_home / "landing" / "refused" / f.parent.name / f.name).exists()
+        assert not f.exists()  # sealed on intake, the plain drop removed
+        [aside] = (sl_home / "landing" / "refused" / f.parent.name).glob("*.sealed")
+        assert aside.read_bytes().startswith(b"SLSEAL1")  # moved aside still sealed, with its reason beside it
+        assert aside.with_name(aside.name + ".reason.txt").read_text().strip()
+    assert not list((sl_home / "landing").rglob("*.xml"))  # no export rests in plain
 
     with store.connect() as conn:
         reasons = [r for (r,) in conn.execute(select(quarantine.c.reason).where(quarantine.c.run_id == "run-bad"))]
     text = " | ".join(reasons)
     assert "DTD" in text or "entit" in text
     assert "truncated" in text.lower()
-    assert "not the school whose folder" in text
+    assert "landed in the folder of school" in text
     assert "lol" not in text  # nothing from the file's content in the reason
 
     out = ingest.govern_map("run-bad", part, DAY)
@@ -64,12 +67,13 @@ def test_a_row_removed_from_the_consent_register_stops_counting(sl_home: Path, s
     from schoolslink.store.schema import consents
 
     synthesise(sl_home, schools=1, pupils=200, seed=5, as_of=DAY)
-    [chunk] = ingest.plan("run-a", 1)
-    ingest.govern_map("run-a", ingest.parse_validate("run-a", chunk, DAY), DAY)
     reg = next((sl_home / "landing" / "consent").glob("*.csv"))
     lines = reg.read_text().splitlines(keepends=True)
     assert len(lines) > 2
-    reg.write_text("".join(lines[:-1]))  # the school deleted its last record
+    [chunk] = ingest.plan("run-a", 1)
+    assert not reg.exists()  # sealed on intake
+    ingest.govern_map("run-a", ingest.parse_validate("run-a", chunk, DAY), DAY)
+    reg.write_text("".join(lines[:-1]))  # the school sends its register again, its last record deleted
     [chunk] = ingest.plan("run-b", 1)
     out = ingest.govern_map("run-b", ingest.parse_validate("run-b", chunk, DAY), DAY)
     assert out["consent_records_dropped"] == 1

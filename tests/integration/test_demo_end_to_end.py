@@ -160,7 +160,8 @@ def test_bad_input_is_quarantined_or_refused_and_the_rest_goes_on(demo: DemoRun)
     for why in ("UPN check letter is wrong", "duplicate UPN", "DOB is not a date", "Sex is not one of",
                 "entity attack"):
         assert why in reasons
-    assert len(list((demo.home / "landing" / "refused").rglob("*.xml"))) == 1
+    assert len(list((demo.home / "landing" / "refused").rglob("*.sealed"))) == 1
+    assert not list((demo.home / "landing").rglob("*.xml"))  # every export rests sealed
 
 
 def test_nothing_leaks_anywhere(demo: DemoRun) -> None:

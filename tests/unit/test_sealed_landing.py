@@ -1,0 +1,207 @@
+"""Sealed files and the landing zone: exports rest encrypted, read back as streams, go when retention ends."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import os
+import secrets
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from connectors.mis.ctf import CtfReader
+from connectors.mis.errors import CtfRefused
+from connectors.storage.landing import LandingZone
+from connectors.storage.sealed import (
+    CHUNK,
+    TAG,
+    SealedFileError,
+    is_sealed,
+    open_sealed,
+    read_header,
+    seal_bytes,
+)
+from schoolslink import workstore
+from schoolslink.identifiers import make_upn
+
+KEY = bytes(range(32))
+OTHER = bytes(range(1, 33))
+MARKER = b"ZEBEDEE-MARKER-SURNAME"
+
+
+def _seal(tmp_path: Path, data: bytes, key: bytes = KEY) -> Path:
+    return seal_bytes(data, tmp_path / "f.sealed", {"kind": "test"}, key)
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK, 3 * CHUNK + 17])
+def test_round_trip_at_chunk_edges(tmp_path: Path, size: int) -> None:
+    data = secrets.token_bytes(size)
+    p = _seal(tmp_path, data)
+    with open_sealed(p, KEY) as f:
+        assert f.read() == data
+    assert p.stat().st_size > size  # sealed: longer by the header and a tag a chunk
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.binary(min_size=0, max_size=3 * CHUNK + 100), offsets=st.lists(st.integers(0, 3 * CHUNK + 200)))
+def test_seek_and_read_anywhere_matches_the_plain_bytes(tmp_path_factory: pytest.TempPathFactory, data: bytes,
+                                                        offsets: list[int]) -> None:
+    p = _seal(tmp_path_factory.mktemp("s"), data)
+    with open_sealed(p, KEY) as f:
+        for off in offsets:
+            f.seek(off)
+            assert f.read(1000) == data[off: off + 1000]
+        f.seek(-5, io.SEEK_END)
+        assert f.read() == (data[-5:] if len(data) >= 5 else data)
+
+
+def test_nothing_of_the_content_is_visible_at_rest(tmp_path: Path) -> None:
+    p = _seal(tmp_path, MARKER * 1000)
+    raw = p.read_bytes()
+    assert MARKER not in raw and MARKER[:8] not in raw
+    assert set(read_header(p)) == {"kind", "kid"}
+
+
+@pytest.mark.parametrize("where", ["header", "first chunk", "last byte"])
+def test_any_changed_byte_is_refused(tmp_path: Path, where: str) -> None:
+    p = _seal(tmp_path, secrets.token_bytes(2 * CHUNK + 10))
+    raw = bytearray(p.read_bytes())
+    i = {"header": 20, "first chunk": 200, "last byte": len(raw) - 1}[where]
+    raw[i] ^= 0x01
+    p.write_bytes(bytes(raw))
+    with pytest.raises(SealedFileError):
+        with open_sealed(p, KEY) as f:
+            f.read()
+
+
+@pytest.mark.parametrize("cut", ["mid-chunk", "chunk boundary", "whole body"])
+def test_a_file_cut_short_is_refused_even_at_a_chunk_boundary(tmp_path: Path, cut: str) -> None:
+    data = secrets.token_bytes(3 * CHUNK + 5)
+    p = _seal(tmp_path, data)
+    raw = p.read_bytes()
+    body_start = len(raw) - (3 * (CHUNK + TAG) + 5 + TAG)
+    keep = {"mid-chunk": len(raw) - 100, "chunk boundary": body_start + 2 * (CHUNK + TAG),
+            "whole body": body_start}[cut]
+    p.write_bytes(raw[:keep])
+    with pytest.raises(SealedFileError, match="cut short|damaged"):
+        with open_sealed(p, KEY) as f:
+            f.read()
+
+
+def test_another_key_is_named_as_such(tmp_path: Path) -> None:
+    p = _seal(tmp_path, b"abc")
+    with pytest.raises(SealedFileError, match="another key"):
+        open_sealed(p, OTHER)
+
+
+def test_not_a_sealed_file(tmp_path: Path) -> None:
+    p = tmp_path / "plain.xml"
+    p.write_bytes(b"<CTfile/>")
+    assert not is_sealed(p)
+    with pytest.raises(SealedFileError, match="not a sealed file"):
+        open_sealed(p, KEY)
+
+
+def test_the_key_is_made_once_outside_the_database_with_owner_only_access(sl_home: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SCHOOLSLINK_SEAL_KEY", raising=False)
+    p = seal_bytes(b"x", sl_home / "a.sealed", {"kind": "t"})
+    key_file = sl_home / "secrets" / "seal.key"
+    assert key_file.exists() and (key_file.stat().st_mode & 0o777) == 0o600
+    with open_sealed(p) as f:
+        assert f.read() == b"x"
+    monkeypatch.setenv("SCHOOLSLINK_SEAL_KEY", "zz")
+    with pytest.raises(SealedFileError, match="64 hex digits"):
+        open_sealed(p)
+
+
+# The landing zone ----------------------------------------------------------------------------------------------
+
+CTF = """<?xml version="1.0" encoding="UTF-8"?>
+<CTfile><Header><DocumentName>Common Transfer File</DocumentName><CTFversion>25.0</CTFversion>
+<DateTime>2026-11-20T10:00:00</DateTime><DocumentQualifier>full</DocumentQualifier>
+<SourceSchool><LEA>999</LEA><Estab>1001</Estab><URN>100001</URN><SchoolName>Test School</SchoolName></SourceSchool>
+<DestSchool><LEA>999</LEA><Estab>1002</Estab></DestSchool></Header>
+<CTFpupilData>{pupils}</CTFpupilData></CTfile>
+"""
+PUPIL = ("<Pupil><UPN>{upn}</UPN><Surname>ZEBEDEE</Surname><Forename>Alex</Forename><DOB>2012-03-04</DOB>"
+         "<Sex>F</Sex></Pupil>")
+
+
+def _ctf(n: int) -> bytes:
+    return CTF.format(pupils="".join(PUPIL.format(upn=make_upn(999, 1001, i)) for i in range(1, n + 1))).encode()
+
+
+def test_intake_seals_every_drop_and_removes_the_plain_copy(sl_home: Path) -> None:
+    drop = sl_home / "landing" / "mis" / "100001" / "export.xml"
+    drop.parent.mkdir(parents=True)
+    drop.write_bytes(_ctf(3))
+    reg = sl_home / "landing" / "consent" / "100001.csv"
+    reg.parent.mkdir(parents=True)
+    reg.write_text("record_id,upn\n")
+    zone = LandingZone()
+    landed = zone.intake(dt.datetime(2026, 11, 20, 12, tzinfo=dt.UTC))
+    assert {(x.kind, x.school_urn, x.fmt) for x in landed} == {("mis", "100001", "xml"), ("consent", "100001", "csv")}
+    assert not drop.exists() and not reg.exists()
+    for x in landed:
+        assert is_sealed(x.path) and b"ZEBEDEE" not in x.path.read_bytes()
+        assert x.delete_after == dt.date(2026, 11, 20) + dt.timedelta(days=28)
+    [mis] = zone.sealed("mis", "100001")
+    with mis.open() as f:
+        result = CtfReader().read(f)  # the CTF reader streams straight from the sealed file
+    assert len(result.learners) == 3 and result.header.source_urn == "100001"
+    assert zone.schools("mis") == ["100001"]
+
+
+def test_a_truncated_export_is_still_told_apart_when_read_sealed(sl_home: Path) -> None:
+    drop = sl_home / "landing" / "mis" / "100001" / "export.xml"
+    drop.parent.mkdir(parents=True)
+    whole = _ctf(2000)
+    drop.write_bytes(whole[: len(whole) // 2])
+    zone = LandingZone()
+    zone.intake()
+    [mis] = zone.sealed("mis", "100001")
+    with pytest.raises(CtfRefused, match="truncated"), mis.open() as f:
+        CtfReader().read(f)
+
+
+def test_an_api_pull_lands_sealed_without_resting_in_plain(sl_home: Path) -> None:
+    zone = LandingZone()
+    x = zone.land_bytes("mis", "100001", "json", b'{"format":"wonde","note":"ZEBEDEE"}')
+    assert b"ZEBEDEE" not in x.path.read_bytes()
+    with x.open() as f:
+        assert b"ZEBEDEE" in f.read()
+
+
+def test_retention_purges_what_is_past_its_date_including_refused_files(sl_home: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCHOOLSLINK_LANDING_RETENTION_DAYS", "7")
+    zone = LandingZone()
+    old = zone.land_bytes("mis", "100001", "xml", _ctf(1), dt.datetime(2026, 11, 1, tzinfo=dt.UTC))
+    refused = zone.land_bytes("mis", "100002", "xml", b"not xml", dt.datetime(2026, 11, 1, tzinfo=dt.UTC))
+    aside = zone.move_aside(refused, "file is not XML")
+    new = zone.land_bytes("mis", "100001", "xml", _ctf(1), dt.datetime(2026, 11, 20, tzinfo=dt.UTC))
+    assert aside.with_name(aside.name + ".reason.txt").read_text().strip() == "file is not XML"
+    assert zone.purge(dt.date(2026, 11, 8)) == 0  # 7 days kept, to the day
+    assert zone.purge(dt.date(2026, 11, 9)) == 2
+    assert not old.path.exists() and not aside.exists() and new.path.exists()
+    assert not aside.with_name(aside.name + ".reason.txt").exists()
+
+
+def test_a_bad_retention_setting_is_refused(sl_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCHOOLSLINK_LANDING_RETENTION_DAYS", "0")
+    with pytest.raises(ValueError, match="1 or more"):
+        LandingZone().land_bytes("mis", "100001", "xml", b"x")
+
+
+def test_work_files_are_sealed_too(sl_home: Path) -> None:
+    rows = [{"surname": "ZEBEDEE", "n": i} for i in range(2000)]
+    assert workstore.write_jsonl("run/chunk-0/learners.jsonl", rows) == 2000
+    p = workstore.path_for("run/chunk-0/learners.jsonl")
+    assert b"ZEBEDEE" not in p.read_bytes()
+    assert list(workstore.read_jsonl("run/chunk-0/learners.jsonl")) == rows
+    assert not [q for q in p.parent.iterdir() if q.name.endswith(".part")]
+    assert os.stat(p).st_size > 0
