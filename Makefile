@@ -42,6 +42,7 @@ test: lint typecheck pytest
 
 bench: install
 	$(BIN)/python -m benchmarks.mapping
+	$(BIN)/python -m benchmarks.ctf_stream
 	$(BIN)/python -m benchmarks.run
 
 clean:

@@ -54,7 +54,9 @@ must discard everything they got from that file when `CtfRefused` is raised. `re
 returns nothing from a refused file.
 
 Accepted CTF versions (major numbers) come from, in order: the `accepted_versions` constructor argument, the
-`SCHOOLSLINK_CTF_VERSIONS` environment variable (comma-separated, e.g. "25,26"), `ACCEPTED_CTF_VERSIONS`.
+`SCHOOLSLINK_CTF_VERSIONS` environment variable (comma-separated, e.g. "25,26"), the `ctf-versions` code table
+(mappings/code-tables/ctf-versions.yaml: a new academic year's version is one line there), and last
+`ACCEPTED_CTF_VERSIONS`.
 """
 
 from __future__ import annotations
@@ -159,12 +161,19 @@ def _parse_versions(values: Iterable[str], source: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def configured_ctf_versions() -> tuple[str, ...]:
-    """The accepted major versions: SCHOOLSLINK_CTF_VERSIONS if set, else ACCEPTED_CTF_VERSIONS."""
+VERSIONS_TABLE: Final = "ctf-versions"
+
+
+def configured_ctf_versions(mappings: MappingSet | None = None) -> tuple[str, ...]:
+    """The accepted major versions: SCHOOLSLINK_CTF_VERSIONS if set, else the `ctf-versions` code table of
+    the mappings (mappings/code-tables/ctf-versions.yaml), else ACCEPTED_CTF_VERSIONS."""
     env = os.environ.get(VERSIONS_ENV)
-    if env is None or not env.strip():
+    if env is not None and env.strip():
+        return _parse_versions(env.split(","), VERSIONS_ENV)
+    table = (mappings or load_mappings()).tables.get(VERSIONS_TABLE)
+    if table is None:
         return ACCEPTED_CTF_VERSIONS
-    return _parse_versions(env.split(","), VERSIONS_ENV)
+    return _parse_versions([str(c) for c in table.codes], f"code table {VERSIONS_TABLE}")
 
 
 # Small helpers ----------------------------------------------------------------------------------------------
@@ -432,7 +441,7 @@ class CtfReader:
         """`mappings`: where the ctf-learner mapping comes from (default: `load_mappings()`, read again for each
         file when a mapping file has changed)."""
         if accepted_versions is None:
-            self._versions = configured_ctf_versions()
+            self._versions = configured_ctf_versions(mappings)
         else:
             self._versions = _parse_versions(accepted_versions, "accepted_versions")
         self._mappings = mappings
