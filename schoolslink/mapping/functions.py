@@ -204,4 +204,4 @@ def postcode(value: Any) -> str | None:
 
 
 # Functions kept beside the systems they read; importing them registers them here.
-from schoolslink.mapping import functions_fhir, functions_mis  # noqa: E402, F401
+from schoolslink.mapping import functions_fhir, functions_mis, functions_wonde  # noqa: E402, F401

@@ -20,7 +20,7 @@ import datetime as dt
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from sqlalchemy import select
@@ -32,6 +32,9 @@ from schoolslink.pipeline.common import quarantine_rows, store
 from schoolslink.settings import home
 from schoolslink.store.schema import watermarks
 from schoolslink.store.upsert import upsert
+
+if TYPE_CHECKING:
+    from connectors.mis.wonde import WondeClient
 
 CONFIG_ENV = "SCHOOLSLINK_WONDE_CONFIG"
 TOKEN_ENV = "SCHOOLSLINK_WONDE_TOKEN"  # noqa: S105 (the name of a variable, not a secret)
@@ -68,8 +71,14 @@ def pull_sources(run_id: str, now: dt.datetime | None = None) -> dict[str, int]:
     counts = {"wonde_schools": 0, "wonde_pulls_landed": 0, "wonde_pulls_failed": 0}
     if cfg is None:
         return counts
-    client = WondeClient(cfg["base_url"], _token(cfg))
     zone = LandingZone()
+    with WondeClient(cfg["base_url"], _token(cfg)) as client:
+        _pull_each(client, zone, cfg, run_id, now, counts)
+    return counts
+
+
+def _pull_each(client: WondeClient, zone: LandingZone, cfg: dict[str, Any], run_id: str, now: dt.datetime | None,
+               counts: dict[str, int]) -> None:
     for urn, school_id in sorted((str(k), str(v)) for k, v in cfg["schools"].items()):
         counts["wonde_schools"] += 1
         source = f"wonde:{school_id}"
@@ -90,4 +99,3 @@ def pull_sources(run_id: str, now: dt.datetime | None = None) -> dict[str, int]:
             upsert(conn, watermarks, [{"source": source, "resource_type": "students", "value": doc["pulled_at"]}],
                    ["source", "resource_type"])
         counts["wonde_pulls_landed"] += 1
-    return counts
