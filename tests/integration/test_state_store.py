@@ -29,7 +29,19 @@ def test_migrations_are_idempotent_and_create_every_table(store: Engine, store_u
     migrate(store_url)  # a second time changes nothing
     names = set(sa.inspect(store).get_table_names())
     assert {"learners", "consents", "patients", "links", "review_queue", "outbox", "ledger", "watermarks",
-            "quarantine", "runs", "trust_referrals", "feed_rows"} <= names
+            "quarantine", "runs", "trust_referrals", "feed_rows", "learner_events", "source_ids"} <= names
+
+
+def test_the_migrations_build_exactly_the_schema_the_code_uses(store: Engine) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from schoolslink.store.schema import metadata
+
+    with store.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    assert [d for d in diff if not (isinstance(d, tuple) and d[0] == "remove_table" and d[1].name ==
+                                    "alembic_version")] == []
 
 
 def test_ledger_chain_verifies_and_catches_an_edit(store: Engine) -> None:
