@@ -1,26 +1,28 @@
 """`schoolslink mis check FILE...`: read MIS exports as the pipeline would, send nothing, say what happened.
 
-CTF XML through the hardened CTF reader; census-style CSV through the `census-csv-learner` column map
-and the UPN check letter. Reasons name positions and fields, never pupil values.
+CTF XML through the hardened CTF reader (connectors/mis/ctf.py); anything else as a CSV export through
+connectors/mis/csv.py, which recognises its layout from the header row among the column maps with a `layout:`
+block (mappings/mis-in/), e.g. format "csv:census". The JSON shape is DESIGN.md's CLI contract. Reasons name
+positions and fields, never pupil values. The school is not known here, so a CSV layout without a URN column
+gives learners no school URN; only the pipeline knows the landing folder's school.
 """
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
+from connectors.mis.csv import CsvReader
 from connectors.mis.ctf import CtfReader
-from connectors.mis.errors import MisInputError
-from schoolslink.identifiers import is_valid_upn
-from schoolslink.mapping.engine import MappingError, load_mappings
+from connectors.mis.errors import CsvRefused, MisInputError
 
 
 def check_file(path: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"path": str(path), "status": "accepted", "reason": None, "format": None,
                            "version": None, "pupils": 0, "quarantined": []}
     try:
-        head = path.open("rb").read(512).lstrip()
+        with path.open("rb") as f:
+            head = f.read(512).lstrip()
     except OSError as exc:
         return {**out, "status": "rejected", "reason": f"cannot read the file: {exc.strerror}"}
     if head.startswith(b"<") or path.suffix.lower() == ".xml":
@@ -33,39 +35,21 @@ def check_file(path: Path) -> dict[str, Any]:
         out["pupils"] = len(result.learners)
         out["quarantined"] = [{"record": q.record, "reason": q.reason} for q in result.quarantined]
         return out
-    out["format"] = "csv:census"
-    return _check_census_csv(path, out)
+    return _check_csv(path, out)
 
 
-def _check_census_csv(path: Path, out: dict[str, Any]) -> dict[str, Any]:
-    cm = load_mappings().compile("census-csv-learner")
+def _check_csv(path: Path, out: dict[str, Any]) -> dict[str, Any]:
+    out["format"] = "csv"
     try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            needed = {"UPN", "Surname", "Forename", "Sex", "DOB"}
-            missing = needed - set(reader.fieldnames or ())
-            if missing:
-                return {**out, "status": "rejected",
-                        "reason": f"not a census-style CSV: no column(s) {', '.join(sorted(missing))}"}
-            seen: dict[str, int] = {}
-            for n, row in enumerate(reader, start=2):
-                where = f"row#{n}"
-                try:
-                    learner = cm.run(row, record_key=where)
-                except MappingError as exc:
-                    out["quarantined"].append({"record": where, "reason": exc.reason})
-                    continue
-                upn = learner["upn"]
-                problem = None
-                if not is_valid_upn(upn):
-                    problem = "UPN check letter is wrong or UPN malformed"
-                elif upn in seen:
-                    problem = f"duplicate UPN: the same as row#{seen[upn]}"
-                if problem:
-                    out["quarantined"].append({"record": where, "reason": problem})
-                    continue
-                seen[upn] = n
-                out["pupils"] += 1
-    except (UnicodeDecodeError, csv.Error):
-        return {**out, "status": "rejected", "reason": "not a readable UTF-8 CSV file"}
+        export = CsvReader().read(path)
+    except CsvRefused as exc:
+        return {**out, "status": "rejected", "reason": exc.reason, "format": exc.format}
+    except MisInputError as exc:
+        return {**out, "status": "rejected", "reason": str(exc)}
+    except OSError as exc:
+        return {**out, "status": "rejected", "reason": f"cannot read the file: {exc.strerror}"}
+    out["format"] = export.format
+    out["version"] = export.version
+    out["pupils"] = len(export.learners)
+    out["quarantined"] = [{"record": q.record, "reason": q.reason} for q in export.quarantined]
     return out

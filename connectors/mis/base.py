@@ -9,9 +9,12 @@ must not be used; a bad record is never an exception.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
+from typing import Any, Final
 
-from schoolslink.model import Learner
+from schoolslink.model import Learner, LearnerFlags
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,3 +59,46 @@ class MisExport:
     deleted_source_ids: list[str] = field(default_factory=list)
     source_ids: list[str | None] = field(default_factory=list)
     records: int = 0  # records read, accepted or not
+
+
+# Learners from a learner mapping's output ----------------------------------------------------------------------
+# Every reader maps a source record with a declarative mapping (mappings/mis-in/) whose output is Learner's fields
+# (flags nested, dates as YYYY-MM-DD). These two helpers are the one way to check such a mapping and to turn its
+# output into a Learner.
+
+LEARNER_REQUIRED_FIELDS: Final = ("upn", "school_urn", "surname", "forename", "dob", "sex")
+LEARNER_FIELDS: Final = frozenset(f.name for f in dataclass_fields(Learner))
+LEARNER_FLAG_FIELDS: Final = frozenset(f.name for f in dataclass_fields(LearnerFlags))
+
+
+def learner_template_problems(template: Any, required: Iterable[str] = LEARNER_REQUIRED_FIELDS) -> list[str]:
+    """What keeps a learner mapping's template from making a Learner: names that are not Learner fields (or
+    flags), and `required` fields it does not fill. Empty when it can make one."""
+    if not isinstance(template, dict):
+        return ["the template must be an object of learner fields"]
+    unknown = sorted(k for k in template if not k.startswith("$") and k not in LEARNER_FIELDS)
+    flags = template.get("flags")
+    if isinstance(flags, dict):
+        unknown += sorted(f"flags.{k}" for k in flags if not k.startswith("$") and k not in LEARNER_FLAG_FIELDS)
+    missing = [k for k in required if k not in template]
+    return ([f"not Learner fields: {', '.join(unknown)}"] if unknown else []) + (
+        [f"missing: {', '.join(missing)}"] if missing else [])
+
+
+def learner_from_mapped(out: dict[str, Any]) -> Learner:
+    """A Learner from a learner mapping's output (changed in place): `dob` and `leaving_date` from YYYY-MM-DD
+    text to dates, `flags` (an object or nothing) to LearnerFlags.
+
+    Raises KeyError, TypeError or ValueError when the output cannot make a Learner (a required field missing, a
+    date that is not a date, a flag that is not a flag): the reader quarantines the record. The messages carry
+    no values, but readers give their own reasons anyway.
+    """
+    dob = out["dob"]
+    if not isinstance(dob, dt.date):
+        out["dob"] = dt.date.fromisoformat(dob)
+    leaving = out.get("leaving_date")
+    if leaving is not None and not isinstance(leaving, dt.date):
+        out["leaving_date"] = dt.date.fromisoformat(leaving)
+    flags = out.get("flags")
+    out["flags"] = LearnerFlags(**flags) if flags else LearnerFlags()
+    return Learner(**out)

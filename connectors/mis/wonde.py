@@ -79,8 +79,9 @@ What `read_wonde` does with bad input (DESIGN.md, "Bad input")
   used by an earlier student in the pull (the later ones are quarantined, the reason names the first); no
   surname or forename (legal or not); date_of_birth missing, not a date, or after the pull; no gender; an
   in_lea_care / looked_after that is missing, null (Wonde's null for a property the token may not read) or
-  not true or false (it decides who may see a record, so it is never guessed). A gender the `wonde-gender` code table does not list is reported among them as "gender is not
-  one of M, F or U"; any other mapping error quarantines the record with the mapping's value-free reason.
+  not true or false (it decides who may see a record, so it is never guessed). A gender the `wonde-gender`
+  code table does not list is reported among them as "gender is not one of M, F or U"; any other mapping
+  error quarantines the record with the mapping's value-free reason.
 - A bad *optional item* is dropped by the mapping and the reader adds a `MisWarning` and keeps the learner:
   a ULN that fails its check digit, each former UPN that fails the UPN check (former UPNs are only taken as
   Wonde states them), a free_school_meals that is not true or false, and a sen_status that is not a code of

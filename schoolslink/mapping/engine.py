@@ -17,6 +17,10 @@ compile time, unless the agreement and consent allow that item). Conditions: `$e
 `$ne`, `$in`, `$not`, `$all`, `$any`. A missing value, empty text, empty list or empty object is
 omitted, as FHIR requires.
 
+A `kind: columns` mapping (a CSV column map) is turned into an equivalent template; with a `layout:` block it
+also describes a whole CSV export layout (how to recognise its header row, which identifier keys a learner,
+whether it is the whole roll), which `connectors/mis/csv.py` reads with no Python per layout.
+
 Loading refuses unknown keys, unknown functions, tables and fragments, and malformed paths with
 `file:line: message`, never later and never silently. A mapping compiles once per run (and per
 allowed-item set) to a Python function; running it over a batch costs a few microseconds a record.
@@ -29,6 +33,7 @@ import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +41,7 @@ from schoolslink.errors import ConfigurationError, PermanentDataError
 from schoolslink.mapping import functions
 from schoolslink.mapping.yamlnodes import LDict, LList, MappingFileError, line_of
 from schoolslink.mapping.yamlnodes import load as load_yaml
-from schoolslink.model import ALL_DATA_ITEMS
+from schoolslink.model import ALL_DATA_ITEMS, Learner, LearnerFlags
 
 MAPPINGS_DIR = Path(__file__).resolve().parents[2] / "mappings"
 
@@ -52,7 +57,21 @@ ALLOWED_WITH = {
     "$each": {"$as", "$do"},
 }
 CONDITIONS = {"$exists", "$eq", "$ne", "$in", "$not", "$all", "$any"}
-MAPPING_KEYS = {"mapping", "description", "kind", "input", "output", "vars", "let", "template", "columns", "check"}
+MAPPING_KEYS = {"mapping", "description", "kind", "input", "output", "vars", "let", "template", "columns", "check",
+                "layout"}
+COLUMN_KEYS = {"target", "fn", "table", "default", "required", "fallback"}
+LAYOUT_KEYS = {"name", "detect", "key", "qualifier", "delimiter", "encoding", "source_id"}
+LAYOUT_KEYS_REQUIRED = {"name", "detect", "key", "qualifier"}
+LAYOUT_IDENTIFIERS = ("upn", "uln")  # `key:` values: the canonical field that keys a learner
+LAYOUT_QUALIFIERS = ("full", "partial")
+LAYOUT_DELIMITERS = (",", ";", "\t", "|")
+# `encoding:` as written -> the Python codec that reads it (utf-8 reads a byte-order mark too)
+LAYOUT_ENCODINGS = {"utf-8": "utf-8-sig", "utf-8-sig": "utf-8-sig", "cp1252": "cp1252"}
+# What a layout's columns may fill: Learner's single-valued fields, and its flags as flags.<name>
+LEARNER_TARGETS = frozenset(
+    {f.name for f in dataclass_fields(Learner)} - {"flags", "former_upns", "address_lines", "contacts"}
+    | {f"flags.{f.name}" for f in dataclass_fields(LearnerFlags)})
+LEARNER_REQUIRED_TARGETS = ("surname", "forename", "dob", "sex")  # and the layout's key
 FRAGMENT_KEYS = {"fragment", "description", "template"}
 TABLE_KEYS = {"table", "description", "source", "target", "unmapped", "default", "codes"}
 KINDS = {"template", "columns"}
@@ -101,6 +120,61 @@ class _Unmapped(Exception):
         self.table, self.code, self.policy = table, code, policy
 
 
+# What CodeTable.lookup raises for a code it does not list (before the mapping wraps it as a MappingError): for
+# readers that look a column's code up themselves to say which column was at fault.
+UnmappedLookup = _Unmapped
+
+
+class ColumnKey(str):
+    """A CSV column name as a column map reads it: one key of the record, taken literally (it may hold spaces,
+    dots or brackets, as MIS headings do: `Legal Surname`, `Middle name(s)`). Only `_columns_to_template` makes
+    these, so a template written in YAML never reads a path this way."""
+
+    __slots__ = ()
+
+
+def heading_key(text: str) -> str:
+    """How CSV headings are compared: white space runs made one space, none at either end, case ignored."""
+    return " ".join(text.split()).casefold()
+
+
+@dataclass(frozen=True)
+class Column:
+    """One entry of a column map: the CSV column, and how its value becomes its canonical target."""
+
+    name: str
+    target: str
+    fn: str | None
+    table: str | None
+    required: bool
+    has_default: bool
+    default: Any
+    fallback: tuple[str, ...]  # other headings read, in order, when this one is missing or empty
+    line: int
+
+    @property
+    def headings(self) -> tuple[str, ...]:
+        return (self.name, *self.fallback)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A column map's `layout:` block: a CSV export layout a reader can recognise and read."""
+
+    name: str
+    detect: tuple[str, ...]  # headings that must all be in the header row
+    key: str  # upn | uln
+    qualifier: str  # full | partial
+    delimiter: str
+    encoding: str  # the Python codec
+    source_id: str | None  # the column holding the MIS's own record id (admission number, student ref)
+    line: int
+
+    @property
+    def format(self) -> str:
+        return f"csv:{self.name}"
+
+
 @dataclass
 class Fragment:
     name: str
@@ -126,6 +200,8 @@ class Mapping:
     items: frozenset[str] = frozenset()
     _compiled: dict[frozenset[str] | None, Callable[[Any, dict[str, Any]], tuple[dict[str, Any], list[str]]]] = (
         field(default_factory=dict))
+    columns: tuple[Column, ...] = ()  # kind columns: the column map, in file order
+    layout: Layout | None = None  # kind columns with a layout: block
 
 
 @dataclass
@@ -136,6 +212,11 @@ class MappingSet:
     mappings: dict[str, Mapping]
     fragments: dict[str, Fragment]
     tables: dict[str, CodeTable]
+
+    def layouts(self) -> list[Mapping]:
+        """The column maps that describe a CSV export layout, by layout name."""
+        return sorted((m for m in self.mappings.values() if m.layout is not None),
+                      key=lambda m: m.layout.name if m.layout is not None else "")
 
     def get(self, name: str) -> Mapping:
         try:
@@ -186,6 +267,11 @@ class CompiledMapping:
             raise MappingError(self.mapping.name, record_key, reason) from None
 
 
+def safe_reason(exc: Exception) -> str:
+    """The kind of failure a mapping function or lookup raised, never the offending value."""
+    return _safe_reason(exc)
+
+
 def _safe_reason(exc: Exception) -> str:
     """The kind of failure, never the offending value (it may be an identifier or a date of birth)."""
     text = str(exc)
@@ -221,6 +307,8 @@ def _check_keys(path: Path, node: Any, allowed: set[str], required: set[str], wh
 
 def check_path(path: Path, node: Any, text: Any, key: str, variables: set[str] | None = None) -> None:
     """A path walks the input record (`a.b[0].c`, `ext[url=...].v`) or, with `@`, a variable (`@item.code`)."""
+    if isinstance(text, ColumnKey) and text:
+        return  # a CSV column name: one key, read literally
     if not isinstance(text, str) or not text:
         raise _fail(path, node, f"{key} must be a path like a.b[0].c", key)
     parts = _split_path(text)
@@ -232,6 +320,8 @@ def check_path(path: Path, node: Any, text: Any, key: str, variables: set[str] |
 
 def _split_path(text: str) -> list[tuple[str, list[tuple[str, Any]]]] | None:
     """'a.b[0].ext[url=http://x.y].v' -> [(a, []), (b, [(idx, 0)]), (ext, [(eq, (url, http://x.y))]), (v, [])]."""
+    if isinstance(text, ColumnKey):
+        return [(str(text), [])]
     out: list[tuple[str, list[tuple[str, Any]]]] = []
     if text.startswith("@"):
         text = text[1:]
@@ -328,6 +418,7 @@ def _load_mappings(root: Path) -> MappingSet:
         else:
             raise MappingFileError(p, 1, "a file here must start with mapping:, fragment: or table:")
     ms = MappingSet(root, mappings, fragments, tables)
+    _check_layouts(ms)
     for m in mappings.values():
         used_fragments: set[str] = set()
         used_tables: set[str] = set()
@@ -346,6 +437,28 @@ def _load_mappings(root: Path) -> MappingSet:
         m.version = h.hexdigest()[:16]
         m.items = frozenset(items)
     return ms
+
+
+def _check_layouts(ms: MappingSet) -> None:
+    """Layout names are unique, and no two layouts detect on the same headings (a file would fit both)."""
+    names: dict[str, Mapping] = {}
+    detects: dict[frozenset[str], Mapping] = {}
+    for m in sorted(ms.mappings.values(), key=lambda m: str(m.path)):
+        lay = m.layout
+        if lay is None:
+            continue
+        doc_line = lay.line
+        other = names.get(lay.name)
+        if other is not None:
+            raise MappingFileError(m.path, doc_line, f"layout {lay.name!r} is also defined in {other.path}")
+        names[lay.name] = m
+        key = frozenset(heading_key(d) for d in lay.detect)
+        same = detects.get(key)
+        if same is not None and same.layout is not None:
+            raise MappingFileError(m.path, doc_line, f"layout {lay.name!r} detects on the same headings as layout "
+                                   f"{same.layout.name!r} ({same.path}): a file could not be told apart; "
+                                   "add a heading only one of them has")
+        detects[key] = m
 
 
 def _uses_items(n: Any, ms: MappingSet, seen: frozenset[str] = frozenset()) -> bool:
@@ -377,36 +490,114 @@ def _load_mapping(p: Path, doc: LDict) -> Mapping:
         if not isinstance(doc["let"], LDict):
             raise _fail(p, doc, "let must map names to expressions", "let")
         lets = list(doc["let"].items())
+    columns: tuple[Column, ...] = ()
+    layout: Layout | None = None
     if kind == "template":
         if "template" not in doc or "columns" in doc:
             raise _fail(p, doc, "a template mapping has a template and no columns", "kind")
+        if "layout" in doc:
+            raise _fail(p, doc, "layout: describes a CSV export, so it goes only in a kind: columns mapping", "layout")
         template = doc["template"]
     else:
         if "columns" not in doc or "template" in doc:
             raise _fail(p, doc, "a columns mapping has columns and no template", "kind")
-        template = _columns_to_template(p, doc["columns"])
+        template, columns = _columns_to_template(p, doc["columns"])
+        if "layout" in doc:
+            layout = _load_layout(p, doc["layout"], columns)
     run_vars = doc.get("vars") or LList()
     if not isinstance(run_vars, list) or not all(isinstance(v, str) and _NAME_VAR.match(v) for v in run_vars):
         raise _fail(p, doc, "vars lists the names of run variables the caller gives", "vars")
     return Mapping(name, kind, str(doc.get("description", "")), str(doc["input"]), str(doc["output"]), check,
-                   lets, template, p, _digest(p), tuple(run_vars))
+                   lets, template, p, _digest(p), tuple(run_vars), columns=columns, layout=layout)
 
 
-def _columns_to_template(p: Path, columns: Any) -> LDict:
-    """`columns: {CSV column: target | {target, fn, table, required, default}}` -> an equivalent template."""
+def _load_layout(p: Path, node: Any, columns: tuple[Column, ...]) -> Layout:
+    """A column map's `layout:` block, checked: its keys and values, and that its columns fill a learner."""
+    _check_keys(p, node, LAYOUT_KEYS, LAYOUT_KEYS_REQUIRED, "layout")
+    name = node["name"]
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise _fail(p, node, "layout name is lower-case words joined by hyphens (shown as format csv:<name>)", "name")
+    detect = node["detect"]
+    if not isinstance(detect, list) or not detect or not all(isinstance(d, str) and d.strip() for d in detect):
+        raise _fail(p, node, "detect lists the header columns that identify this layout (all must be present)",
+                    "detect")
+    seen: dict[str, str] = {}
+    for d in detect:
+        if heading_key(d) in seen:
+            raise _fail(p, node, f"detect names the column {d!r} twice (headings are compared ignoring case)",
+                        "detect")
+        seen[heading_key(d)] = d
+    key = node["key"]
+    if key not in LAYOUT_IDENTIFIERS:
+        raise _fail(p, node, f"key must be one of {', '.join(LAYOUT_IDENTIFIERS)}: the identifier that keys a "
+                    "learner", "key")
+    qualifier = node["qualifier"]
+    if qualifier not in LAYOUT_QUALIFIERS:
+        raise _fail(p, node, "qualifier must be full (the export is the whole roll: a learner it no longer lists "
+                    "has left) or partial (a list of changes)", "qualifier")
+    delimiter = node.get("delimiter", ",")
+    if delimiter not in LAYOUT_DELIMITERS:
+        raise _fail(p, node, "delimiter must be one of: comma, semicolon, tab or |, written as a quoted "
+                    "character", "delimiter")
+    encoding = node.get("encoding", "utf-8")
+    if encoding not in LAYOUT_ENCODINGS:
+        raise _fail(p, node, f"encoding must be one of {', '.join(LAYOUT_ENCODINGS)}", "encoding")
+    source_id = node.get("source_id")
+    if source_id is not None and (not isinstance(source_id, str) or not source_id.strip()):
+        raise _fail(p, node, "source_id names the column holding the MIS's own record id", "source_id")
+    # The column map must make a learner: Learner's fields only, the required ones and the key present.
+    targets = {c.target: c for c in columns}
+    for c in columns:
+        if c.target not in LEARNER_TARGETS:
+            raise MappingFileError(p, c.line, f"target {c.target!r} is not a learner field; a layout's columns fill "
+                                   f"these: {', '.join(sorted(LEARNER_TARGETS))}")
+    missing = [t for t in (*LEARNER_REQUIRED_TARGETS, key) if t not in targets]
+    if missing:
+        raise _fail(p, node, f"this layout's columns must fill {', '.join(missing)} (every learner has "
+                    f"{', '.join(LEARNER_REQUIRED_TARGETS)} and the layout's key)")
+    return Layout(name, tuple(detect), key, qualifier, delimiter, LAYOUT_ENCODINGS[encoding],
+                  source_id.strip() if isinstance(source_id, str) else None, line_of(node))
+
+
+def _columns_to_template(p: Path, columns: Any) -> tuple[LDict, tuple[Column, ...]]:
+    """`columns: {CSV column: target | {target, fn, table, required, default, fallback}}` -> an equivalent
+    template, and the column map as `Column`s (for readers that check a header row against it)."""
     if not isinstance(columns, LDict) or not columns:
         raise _fail(p, columns, "columns must map each CSV column to its target")
     out = LDict()
     out.line = columns.line
     out.lines = {}
+    specs: list[Column] = []
+    headings: dict[str, str] = {}
     for col, spec in columns.items():
         if isinstance(spec, str):
             spec = LDict(target=spec)
             spec.line = columns.lines[col]
             spec.lines = {"target": spec.line}
-        _check_keys(p, spec, {"target", "fn", "table", "default", "required"}, {"target"}, f"column {col!r}")
-        expr: Any = LDict({"$path": col})
-        expr.line, expr.lines = spec.line, {"$path": spec.line}
+        _check_keys(p, spec, COLUMN_KEYS, {"target"}, f"column {col!r}")
+        if not col.strip():
+            raise _fail(p, columns, "a column name cannot be empty", col)
+        fallback = spec.get("fallback", LList())
+        if isinstance(fallback, str):
+            fallback = [fallback]
+        if not isinstance(fallback, list) or not all(isinstance(f, str) and f.strip() for f in fallback):
+            raise _fail(p, spec, f"column {col!r}: fallback lists other headings for the same column", "fallback")
+        for h in (col, *fallback):
+            other = headings.get(heading_key(h))
+            if other is not None:
+                raise _fail(p, spec, f"column {col!r}: the heading {h!r} is already read for column {other!r} "
+                            "(headings are compared ignoring case)", "fallback" if h != col else None)
+            headings[heading_key(h)] = col
+        if "required" in spec and not isinstance(spec["required"], bool):
+            raise _fail(p, spec, f"column {col!r}: required is true or false", "required")
+        reads = [LDict({"$path": ColumnKey(h)}) for h in (col, *fallback)]
+        for r in reads:
+            r.line, r.lines = spec.line, {"$path": spec.line}
+        expr: Any = reads[0]
+        if fallback:  # the first heading with a value
+            fb = LDict({"$fn": "first", "$args": LList(reads)})
+            fb.line, fb.lines = spec.line, {"$fn": spec.lines.get("fallback", spec.line), "$args": spec.line}
+            expr = fb
         if "fn" in spec:
             fn = LDict({"$fn": spec["fn"], "$args": LList([expr])})
             fn.line, fn.lines = spec.line, {"$fn": spec.lines["fn"], "$args": spec.line}
@@ -441,7 +632,10 @@ def _columns_to_template(p: Path, columns: Any) -> LDict:
             raise _fail(p, spec, f"target {target!r} is filled by two columns", "target")
         node[parts[-1]] = expr
         node.lines[parts[-1]] = spec.line
-    return out
+        specs.append(Column(str(col), target, str(spec["fn"]) if "fn" in spec else None,
+                            str(spec["table"]) if "table" in spec else None, bool(spec.get("required")),
+                            "default" in spec, spec.get("default"), tuple(fallback), spec.line))
+    return out, tuple(specs)
 
 
 @functions.register("required", 2)
@@ -797,7 +991,7 @@ class _Compiler:
         assert parts is not None  # checked at load
         t = self.tmp()
         head, rest = parts[0], parts[1:]
-        if text.startswith("@"):  # a variable bound by let:, $each or the caller
+        if text.startswith("@") and not isinstance(text, ColumnKey):  # a variable bound by let:, $each or the caller
             self.emit(ind, f"{t} = V.get({head[0]!r})")
         else:
             self.emit(ind, f"{t} = {src}.get({head[0]!r}) if isinstance({src}, dict) else None")

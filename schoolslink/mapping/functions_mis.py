@@ -13,6 +13,7 @@ the module (`_f.register`), never imported by name at the top.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -266,3 +267,69 @@ def ctf_contacts(items: Any) -> list[dict[str, Any]] | None:
 def _contact_order(contact: dict[str, Any]) -> tuple[bool, int]:
     order = contact["order"]
     return (order is None, order or 0)
+
+
+# CSV exports (connectors/mis/csv.py, the column maps with a `layout:` block) ---------------------------------
+
+
+def _dmy(text: str) -> dt.date | None:
+    """A date from exactly DD/MM/YYYY (one- or two-digit day and month), else None; raises for a
+    non-existent day."""
+    parts = text.split("/")
+    if len(parts) != 3:
+        return None
+    d, m, y = parts
+    if not (1 <= len(d) <= 2 and 1 <= len(m) <= 2 and len(y) == 4) or not (d + m + y).isascii() \
+            or not (d + m + y).isdigit():
+        return None
+    return dt.date(int(y), int(m), int(d))
+
+
+@_register("date_dmy_or_iso", 1)
+def date_dmy_or_iso(value: Any) -> str | None:
+    """An ISO date from DD/MM/YYYY or YYYY-MM-DD (both unambiguous; MIS reports write either); refuses
+    anything else (a US-style, two-digit-year or worded date is never guessed)."""
+    if type(value) is not str:
+        return None
+    s = value.strip()
+    if not s:
+        return None
+    iso = _iso(s)
+    if iso is not None:
+        return s
+    try:
+        day = _dmy(s)
+    except ValueError:
+        day = None
+    if day is None:
+        raise ValueError("isoformat: not DD/MM/YYYY or YYYY-MM-DD")
+    return day.isoformat()
+
+
+@_register("leading_code", 1)
+def leading_code(value: Any) -> str | None:
+    """The code at the start of a coded description, upper-cased: 'K - SEN Support' and 'k' give K. The code is
+    the text before the first ' - ' (or the whole text when there is none), with outer white space removed."""
+    if type(value) is not str:
+        return None
+    code = value.split(" - ", 1)[0].strip().upper()
+    return code or None
+
+
+_YEAR_RE = re.compile(r"(?:year|yr|y)\s*(\d{1,2})")
+
+
+@_register("nc_year", 1)
+def nc_year(value: Any) -> str | None:
+    """A year group as its National Curriculum year: 'Year 9', 'Yr 9', 'Y9' and '9' give 9, 'Reception' gives R;
+    any other text is kept as stated (white space tidied)."""
+    if type(value) is not str:
+        return None
+    s = " ".join(value.split())
+    low = s.lower()
+    if low in ("reception", "rec"):
+        return "R"
+    m = _YEAR_RE.fullmatch(low)
+    if m is not None:
+        return str(int(m.group(1)))
+    return s or None
