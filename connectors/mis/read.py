@@ -22,8 +22,8 @@ def sniff(head: bytes, name: str = "") -> str:
         return "ctf"
     if h.startswith(b"{"):
         return "wonde"
-    if not h and name.lower().endswith(".xml"):
-        return "ctf"
+    if name.lower().endswith(".xml"):
+        return "ctf"  # the CTF reader says what is wrong with it (empty, not XML) better than a CSV reader
     return "csv"
 
 

@@ -48,3 +48,36 @@ def test_mis_check_exit_zero_when_nothing_is_rejected(tmp_path: Path, capsys: py
     ctf = next((tmp_path / "home" / "landing" / "mis").rglob("*.xml"))
     assert main(["mis", "check", str(ctf)]) == 0
     assert "accepted" in capsys.readouterr().out
+
+
+def test_mis_check_reads_sealed_files_and_wonde_pulls(sl_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from connectors.storage.landing import LandingZone
+    from schoolslink.identifiers import make_upn
+
+    zone = LandingZone()
+    refused = zone.move_aside(zone.land_bytes("mis", "900001", "xml", BOMB.encode()), "entity attack")
+    student = {"id": "A1", "legal_surname": "TESTER", "legal_forename": "Ada", "gender": "F",
+               "date_of_birth": {"date": "2012-03-04 00:00:00.000000"},
+               "extended_details": {"data": {"upn": make_upn(999, 1001, 1), "in_lea_care": False}}}
+    pull = {"format": "wonde", "version": "v1.0", "school_urn": "900001", "school_id": "A1930499544",
+            "pulled_at": "2026-11-25T02:00:00+00:00", "updated_after": None, "qualifier": "full",
+            "students": [student, {**student, "id": "A2"}], "leavers": [], "deletions": []}
+    wonde = zone.land_bytes("mis", "900001", "json", json.dumps(pull).encode()).path
+    assert main(["mis", "check", str(refused), str(wonde), "--json"]) == 1
+    by_path = {f["path"]: f for f in json.loads(capsys.readouterr().out)["files"]}
+    bad, good = by_path[str(refused)], by_path[str(wonde)]
+    assert bad["status"] == "rejected" and bad["format"] == "ctf" and "entity" in bad["reason"]
+    assert good["status"] == "accepted" and good["format"] == "wonde" and good["pupils"] == 1
+    assert good["quarantined"][0]["record"] == "student#2" and "duplicate UPN" in good["quarantined"][0]["reason"]
+
+
+def test_mis_check_names_a_damaged_sealed_file(sl_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from connectors.storage.landing import LandingZone
+
+    landed = LandingZone().land_bytes("mis", "900001", "xml", b"<CTfile/>" * 10_000)
+    raw = bytearray(landed.path.read_bytes())
+    raw[-3] ^= 1
+    landed.path.write_bytes(bytes(raw))
+    assert main(["mis", "check", str(landed.path), "--json"]) == 1
+    [f] = json.loads(capsys.readouterr().out)["files"]
+    assert f["status"] == "rejected" and "authentication failed" in f["reason"]
