@@ -69,12 +69,11 @@ import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from dataclasses import fields as dataclass_fields
 from typing import IO, Any, Final, TypeAlias
 
 from lxml import etree
 
-from connectors.mis.base import MisExport, Quarantined
+from connectors.mis.base import LEARNER_REQUIRED_FIELDS, MisExport, Quarantined, learner_template_problems
 from connectors.mis.base import MisWarning as CtfWarning
 from connectors.mis.errors import CtfRefused
 from schoolslink.errors import ConfigurationError
@@ -396,9 +395,7 @@ def element_values(el: Any, _repeated: frozenset[str] = REPEATED_ELEMENTS) -> di
 LEARNER_MAPPING: Final = "ctf-learner"
 _SEX_TABLES: Final = frozenset({"ctf-sex", "ctf-sex-codes"})  # an unknown code here: "Sex is not one of ..."
 _SEN_TABLE: Final = "ctf-sen-provision"  # its codes are the SEN provisions read without a warning
-_REQUIRED_FIELDS: Final = ("upn", "school_urn", "surname", "forename", "dob", "sex")
-_LEARNER_FIELDS: Final = frozenset(f.name for f in dataclass_fields(Learner))
-_FLAG_FIELDS: Final = frozenset(f.name for f in dataclass_fields(LearnerFlags))
+_REQUIRED_FIELDS: Final = LEARNER_REQUIRED_FIELDS
 _UNMAPPED_TABLE_RE = re.compile(r"code table (\S+) has no entry")
 
 
@@ -415,20 +412,9 @@ def _learner_mapping(ms: MappingSet | None) -> _LearnerMapping:
     ms = ms if ms is not None else load_mappings()
     cm = ms.compile(LEARNER_MAPPING)
     m = cm.mapping
-    template = m.template
-    if not isinstance(template, dict):
-        raise ConfigurationError(f"{m.path}: the {m.name} template must be an object of learner fields")
-    unknown = sorted(k for k in template if not k.startswith("$") and k not in _LEARNER_FIELDS)
-    missing = [k for k in _REQUIRED_FIELDS if k not in template]
-    flags = template.get("flags")
-    if isinstance(flags, dict):
-        unknown += sorted(f"flags.{k}" for k in flags if not k.startswith("$") and k not in _FLAG_FIELDS)
-    if unknown or missing:
-        raise ConfigurationError(
-            f"{m.path}: the {m.name} template must fill Learner's fields: "
-            + "; ".join(([f"not Learner fields: {', '.join(unknown)}"] if unknown else [])
-                        + ([f"missing: {', '.join(missing)}"] if missing else []))
-        )
+    problems = learner_template_problems(m.template)
+    if problems:
+        raise ConfigurationError(f"{m.path}: the {m.name} template must fill Learner's fields: " + "; ".join(problems))
     table = ms.tables.get(_SEN_TABLE)
     return _LearnerMapping(cm, frozenset(table.codes) if table is not None else _SEN_CODES,
                            frozenset(m.run_vars))

@@ -110,7 +110,6 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final
@@ -118,13 +117,20 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 
-from connectors.mis.base import MisExport, MisWarning, Quarantined
+from connectors.mis.base import (
+    LEARNER_REQUIRED_FIELDS,
+    MisExport,
+    MisWarning,
+    Quarantined,
+    learner_from_mapped,
+    learner_template_problems,
+)
 from connectors.mis.errors import FileRefused, MisInputError
 from schoolslink.errors import ConfigurationError
 from schoolslink.identifiers import is_valid_uln, is_valid_upn
 from schoolslink.mapping.engine import CompiledMapping, MappingError, MappingSet, UnmappedCode, load_mappings
 from schoolslink.mapping.functions_wonde import stated_upns, wonde_bool, wonde_date, wonde_text
-from schoolslink.model import Learner, LearnerFlags
+from schoolslink.model import Learner
 
 log = logging.getLogger(__name__)
 
@@ -412,9 +418,7 @@ def _check_school_id(school_id: str) -> None:
 LEARNER_MAPPING: Final = "wonde-learner"
 _GENDER_TABLE: Final = "wonde-gender"
 _SEN_TABLE: Final = "ctf-sen-provision"
-_REQUIRED_FIELDS: Final = ("upn", "school_urn", "surname", "forename", "dob", "sex")
-_LEARNER_FIELDS: Final = frozenset(f.name for f in dataclass_fields(Learner))
-_FLAG_FIELDS: Final = frozenset(f.name for f in dataclass_fields(LearnerFlags))
+_REQUIRED_FIELDS: Final = LEARNER_REQUIRED_FIELDS
 _UNMAPPED_TABLE_RE: Final = re.compile(r"code table (\S+) has no entry")
 
 
@@ -430,17 +434,8 @@ def _learner_mapping(ms: MappingSet | None) -> _LearnerMapping:
     ms = ms if ms is not None else load_mappings()
     cm = ms.compile(LEARNER_MAPPING)
     m = cm.mapping
-    template = m.template
-    if not isinstance(template, dict):
-        raise ConfigurationError(f"{m.path}: the {m.name} template must be an object of learner fields")
-    unknown = sorted(k for k in template if not k.startswith("$") and k not in _LEARNER_FIELDS)
-    missing = [k for k in _REQUIRED_FIELDS if k not in template]
-    flags = template.get("flags")
-    if isinstance(flags, dict):
-        unknown += sorted(f"flags.{k}" for k in flags if not k.startswith("$") and k not in _FLAG_FIELDS)
-    if unknown or missing:
-        problems = ([f"not Learner fields: {', '.join(unknown)}"] if unknown else []) + (
-            [f"missing: {', '.join(missing)}"] if missing else [])
+    problems = learner_template_problems(m.template)
+    if problems:
         raise ConfigurationError(f"{m.path}: the {m.name} template must fill Learner's fields: " + "; ".join(problems))
     table = ms.tables.get(_SEN_TABLE)
     return _LearnerMapping(cm, frozenset(table.codes) if table is not None else _SEN_CODES)
@@ -685,13 +680,7 @@ class _Reader:
 
         # The canonical learner: the mapping's output, with its dates as dates and its flags as LearnerFlags.
         try:
-            out["dob"] = dt.date.fromisoformat(out["dob"])
-            t = out.get("leaving_date")
-            if t is not None:
-                out["leaving_date"] = dt.date.fromisoformat(t)
-            t = out.get("flags")
-            out["flags"] = LearnerFlags(**t) if t else LearnerFlags()
-            learner = Learner(**out)
+            learner = learner_from_mapped(out)
         except (KeyError, TypeError, ValueError):
             gave = [f for f in _REQUIRED_FIELDS if f not in out]
             what = f"no {', '.join(gave)}" if gave else "a date that is not a date or flags that are not flags"
