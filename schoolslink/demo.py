@@ -43,11 +43,13 @@ _BAD_CTF_PUPIL = """    <Pupil><UPN>{upn}</UPN><Surname>{surname}</Surname><Fore
 
 
 def plant_bad_input(home: Path, urn: int, run_date: date) -> None:
-    """Two exports a data manager must see handled: one with bad records, one that is an entity attack.
+    """Exports a data manager must see handled: bad records, an entity attack, and a CSV report.
 
     School `urn` sends a CTF whose pupils include a wrong UPN check letter, a duplicated UPN, an
     impossible date of birth and an unknown sex code (each quarantined; the good pupil goes on);
-    school `urn + 1` sends a billion-laughs file (refused whole, moved aside).
+    school `urn + 1` sends a billion-laughs file (refused whole, moved aside); school `urn + 2` sends a
+    SIMS student list report as CSV (its layout recognised from the headings), one of whose three pupils
+    has a wrong UPN check letter (quarantined; the other two go on).
     """
     from schoolslink.identifiers import make_upn
 
@@ -75,6 +77,14 @@ def plant_bad_input(home: Path, urn: int, run_date: date) -> None:
     folder = home / "landing" / "mis" / str(urn + 1)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"ctf-{urn + 1}-{run_date.isoformat()}.xml").write_text(bomb, encoding="utf-8")
+    sims = [make_upn(999, 9003, i) for i in (1, 2, 3)]
+    sims[2] = ("A" if sims[2][0] != "A" else "B") + sims[2][1:]
+    rows = "".join(f"{100 + i},{u},DEMOCSV{i},Pupil,{'MF'[i % 2]},0{i + 1}/09/2013,Year 8,N - No Special "
+                   f"Educational Need,No\r\n" for i, u in enumerate(sims))
+    folder = home / "landing" / "mis" / str(urn + 2)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"sims-student-list-{run_date.isoformat()}.csv").write_text(
+        "Adno,UPN,Legal Surname,Legal Forename,Gender,DOB,Year,SEN Status,In Care\r\n" + rows, encoding="utf-8")
 
 
 def seed_trust(base: str, seed_dir: Path, trust_ods: str) -> int:
@@ -187,7 +197,7 @@ def summary_lines(r: DemoResult) -> list[str]:
     lines = [
         f"schoolslink demo: {'ok' if r.ok else 'FAILED'} in {r.seconds:.1f} s",
         "Airflow runs: " + ", ".join(f"{x['dag_id']}={x['state']}" for x in r.runs),
-        f"read from schools: {s_in.get('files', 0)} CTF files, {s_in.get('read', 0)} pupil records; "
+        f"read from schools: {s_in.get('files', 0)} exports (CTF, CSV, Wonde), {s_in.get('read', 0)} pupil records; "
         f"{s_in.get('refused_files', 0)} files refused; {s_in.get('quarantined', 0)} records quarantined",
         f"consent: {s_in.get('consent_records', 0)} register records; {s_in.get('with_consent', 0)} pupils with "
         f"an active consent (plain data kept only for them)",

@@ -148,14 +148,14 @@ def test_feeds_carry_exactly_the_consented_pupils(demo: DemoRun) -> None:
         assert row["status_code"] == expected[upn]["referral_status"]
         assert row["status_code"] in status_of
         assert row["contact_email"].endswith(".nhs.uk") or "@" in row["contact_email"]
-    # every synthetic school, and the demo's bad-input school for its one good pupil
-    assert len(list(feeds.glob(f"*/{RUN_DATE}/feed.csv"))) == int(SCHOOLS) + 1
+    # every synthetic school, the demo's bad-input school for its one good pupil, and its CSV school
+    assert len(list(feeds.glob(f"*/{RUN_DATE}/feed.csv"))) == int(SCHOOLS) + 2
 
 
 def test_bad_input_is_quarantined_or_refused_and_the_rest_goes_on(demo: DemoRun) -> None:
     s = demo.first["summaries"]["mis_ingest"]
-    assert s["files"] == int(SCHOOLS) + 2 and s["refused_files"] == 1
-    assert s["quarantined"] == 4 and s["read"] == int(PUPILS) + 5
+    assert s["files"] == int(SCHOOLS) + 3 and s["refused_files"] == 1
+    assert s["quarantined"] == 5 and s["read"] == int(PUPILS) + 5 + 3  # + the SIMS CSV school's three
     reasons = " | ".join(s["quarantine_reasons"])
     for why in ("UPN check letter is wrong", "duplicate UPN", "DOB is not a date", "Sex is not one of",
                 "entity attack"):
