@@ -223,7 +223,8 @@ def govern_map(run_id: str, part: dict[str, Any], run_date: date) -> dict[str, A
         events = _roll_events(roll, prior, rows, run_id, now)
         _record_source_ids(conn, rows, keys, run_id)
         changes = list(workstore.read_jsonl(part["changes_key"])) if part.get("changes_key") else []
-        counts["marked_left"] = (_mark_missing_as_left(conn, run_id, part.get("full_schools", []), events, now)
+        counts["marked_left"] = (_renumbered(conn, run_id, rows, keys, events, now)
+                                 + _mark_missing_as_left(conn, run_id, part.get("full_schools", []), events, now)
                                  + _apply_reported_leavers(conn, run_id, changes, events, now))
         if events:
             conn.execute(insert(learner_events), events)
@@ -277,9 +278,32 @@ def _prior(conn: Connection, keys: list[str]) -> dict[str, tuple[str, bool]]:
 
 
 def _event(key: str, kind: str, from_urn: str | None, to_urn: str | None, source: str, run_id: str,
-           at: datetime) -> dict[str, Any]:
+           at: datetime, other_key: str | None = None) -> dict[str, Any]:
     return {"learner_key": key, "kind": kind, "from_urn": from_urn, "to_urn": to_urn, "source": source,
-            "run_id": run_id, "at": at}
+            "run_id": run_id, "at": at, "other_key": other_key}
+
+
+def _renumbered(conn: Connection, run_id: str, rows: list[dict[str, Any]], keys: list[str],
+                events: list[dict[str, Any]], at: datetime) -> int:
+    """A learner whose export states a FormerUPN: the record under that former UPN is the same child under a
+    new number. It is marked as left (never deleted, never merged) with a `renumbered` event naming the new
+    key. Only what the export states is taken: no record is ever tied to another by inference (an adopted
+    child's new UPN comes with no FormerUPN, and nothing links it to the old record)."""
+    current = set(keys)
+    stated: dict[str, tuple[str, str]] = {}
+    for r, k in zip(rows, keys, strict=True):
+        for former in r.get("former_upns") or ():
+            fk = learner_key(former)
+            if fk != k and fk not in current:
+                stated[fk] = (k, r["school_urn"])
+    if not stated:
+        return 0
+    old = conn.execute(select(learners.c.learner_key, learners.c.school_urn).where(
+        learners.c.learner_key.in_(list(stated)), learners.c.left_school.is_(False))).all()
+    _mark_left(conn, run_id, [k for k, _ in old])
+    events.extend(_event(k, "renumbered", urn, stated[k][1], "FormerUPN stated on the export", run_id, at,
+                         other_key=stated[k][0]) for k, urn in old)
+    return len(old)
 
 
 def _roll_events(roll: list[dict[str, Any]], prior: dict[str, tuple[str, bool]], rows: list[dict[str, Any]],

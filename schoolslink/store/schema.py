@@ -245,7 +245,9 @@ learner_events = Table(
     # leaver). Keys and URNs only.
     Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
     Column("learner_key", String(40), nullable=False, index=True),
-    Column("kind", String(10), nullable=False),  # left | moved | returned
+    Column("kind", String(10), nullable=False),  # left | moved | returned | renumbered
+    # renumbered: the export states this learner's UPN as a FormerUPN of `other_key`'s learner
+    Column("other_key", String(40)),
     Column("from_urn", String(10)),
     Column("to_urn", String(10)),
     Column("source", String(300), nullable=False),  # what told us: a storage key, or 'full export roll'

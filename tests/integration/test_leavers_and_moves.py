@@ -32,11 +32,14 @@ UPNS = [make_upn(999, 1001, i) for i in range(1, 6)]
 
 
 def _drop(home: Path, urn: str, name: str, upns: list[str], qualifier: str = "full", when: str = "2026-11-20",
-          leaving: dict[str, str] | None = None) -> None:
-    leaving = leaving or {}
-    pupils = "".join(
-        PUPIL.format(upn=u, n=i, extra=f"<LeavingDate>{leaving[u]}</LeavingDate>" if u in leaving else "")
-        for i, u in enumerate(upns))
+          leaving: dict[str, str] | None = None, former: dict[str, str] | None = None) -> None:
+    leaving, former = leaving or {}, former or {}
+
+    def extra(u: str) -> str:
+        return ((f"<FormerUPN>{former[u]}</FormerUPN>" if u in former else "")
+                + (f"<LeavingDate>{leaving[u]}</LeavingDate>" if u in leaving else ""))
+
+    pupils = "".join(PUPIL.format(upn=u, n=i, extra=extra(u)) for i, u in enumerate(upns))
     folder = home / "landing" / "mis" / urn
     folder.mkdir(parents=True, exist_ok=True)
     estab = "1001" if urn == A else "1002"
@@ -95,3 +98,22 @@ def test_leavers_and_moves_are_marked_and_become_events(sl_home: Path, store: En
     # The same files again: no change, no events (a re-run is idempotent).
     _run("r4")
     assert _events(store, "r4") == set()
+
+
+def test_a_stated_former_upn_renumbers_and_nothing_is_linked_by_inference(sl_home: Path, store: Engine) -> None:
+    old, new, adopted_old, adopted_new = UPNS[0], make_upn(999, 1001, 50), UPNS[1], make_upn(999, 1001, 51)
+    _drop(sl_home, A, "a1.xml", [old, adopted_old])
+    _run("r1")
+    # Next: pupil 0 has a new UPN and the export states the old one as FormerUPN; the adopted pupil has a new
+    # UPN and, as the CTF guidance requires, no FormerUPN: nothing ties the two records.
+    _drop(sl_home, A, "a2.xml", [new, adopted_new], when="2026-11-25", former={new: old})
+    out = _run("r2")
+    ko, kn, kao, kan = (learner_key(u) for u in (old, new, adopted_old, adopted_new))
+    with store.connect() as conn:
+        rows = conn.execute(select(learner_events.c.learner_key, learner_events.c.kind, learner_events.c.other_key)
+                            .where(learner_events.c.run_id == "r2")).all()
+    assert set(rows) == {(ko, "renumbered", kn), (kao, "left", None)}
+    assert all(kan not in r for r in rows)  # the adopted child's new record is tied to nothing
+    state = _state(store)
+    assert state[ko] == (A, True) and state[kn] == (A, False) and state[kao] == (A, True) and kan in state
+    assert out["marked_left"] == 2

@@ -21,6 +21,7 @@ def upgrade() -> None:
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
     sa.Column('learner_key', sa.String(length=40), nullable=False),
     sa.Column('kind', sa.String(length=10), nullable=False),
+    sa.Column('other_key', sa.String(length=40), nullable=True),
     sa.Column('from_urn', sa.String(length=10), nullable=True),
     sa.Column('to_urn', sa.String(length=10), nullable=True),
     sa.Column('source', sa.String(length=300), nullable=False),
