@@ -15,7 +15,7 @@ $(UV):
 	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
 $(BIN)/schoolslink: $(UV) pyproject.toml uv.lock
-	$(UV) sync --frozen --python $(PY) --quiet
+	$(UV) sync --frozen --python $(PY) --quiet --compile-bytecode
 	@touch $@
 
 $(FHIR_PEER)/node_modules/.installed: $(FHIR_PEER)/package.json $(FHIR_PEER)/package-lock.json

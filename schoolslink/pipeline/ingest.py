@@ -95,19 +95,20 @@ def parse_validate(run_id: str, chunk: dict[str, Any], run_date: date) -> dict[s
             merged: dict[str, tuple[Learner, tuple[str, int, str, str | None, str]]] = {}
             exports = _read_school(zone, conn, run_id, urn, counts)
             for landed, ex in exports:
+                file_key = landed.key  # once per file: it resolves paths
                 exported = (ex.exported_at.date() if ex.exported_at else landed.landed_at.date()).isoformat()
                 counts["read"] += ex.records
                 counts["quarantined"] += quarantine_rows(
-                    conn, run_id, landed.key, [(q.record, q.field, q.reason) for q in ex.quarantined])
+                    conn, run_id, file_key, [(q.record, q.field, q.reason) for q in ex.quarantined])
                 ids = ex.source_ids or [None] * len(ex.learners)
                 for k, (lr, sid) in enumerate(zip(ex.learners, ids, strict=True), start=1):
-                    merged[learner_identity(lr.upn, lr.uln)] = (lr, (landed.key, k, exported, sid, ex.format))
+                    merged[learner_identity(lr.upn, lr.uln)] = (lr, (file_key, k, exported, sid, ex.format))
                 for ident in ex.left:
                     merged.pop(ident, None)
-                    changes.append({"kind": "left", "learner_key": learner_key(ident), "source": landed.key})
+                    changes.append({"kind": "left", "learner_key": learner_key(ident), "source": file_key})
                 for sid in ex.deleted_source_ids:
                     changes.append({"kind": "deleted", "source_key": source_key(ex.format, urn, sid),
-                                    "source": landed.key})
+                                    "source": file_key})
             if exports and exports[0][1].qualifier == "full":
                 full_schools.append(urn)
             for lr, label in merged.values():
