@@ -9,11 +9,13 @@ must not be used; a bad record is never an exception.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from typing import Any, Final
 
+from schoolslink.mapping.engine import MappingError, UnmappedCode
 from schoolslink.model import Learner, LearnerFlags
 
 
@@ -102,3 +104,22 @@ def learner_from_mapped(out: dict[str, Any]) -> Learner:
     flags = out.get("flags")
     out["flags"] = LearnerFlags(**flags) if flags else LearnerFlags()
     return Learner(**out)
+
+
+_UNMAPPED_TABLE_RE: Final = re.compile(r"code table (\S+) has no entry")
+
+
+def mapping_error_problems(exc: MappingError, problems: list[tuple[str, str]], sex_tables: frozenset[str],
+                           sex_at: int, sex_field: str) -> list[tuple[str, str]]:
+    """A record's problems once its learner mapping failed (changed in place): an unknown code in one of the
+    sex tables joins them as "<field> is not one of M, F or U" (where the sex check stands); another unknown
+    code, or any other mapping error when nothing else was wrong, as the mapping's value-free reason."""
+    if isinstance(exc, UnmappedCode):
+        m = _UNMAPPED_TABLE_RE.search(exc.reason)
+        if m is not None and m.group(1) in sex_tables:
+            problems.insert(sex_at, (sex_field, f"{sex_field} is not one of M, F or U"))
+        else:
+            problems.append(("mapping", f"the {exc.mapping} mapping held it back: {exc.reason}"))
+    elif not problems:
+        problems.append(("mapping", f"the {exc.mapping} mapping could not map it: {exc.reason}"))
+    return problems

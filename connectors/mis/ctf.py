@@ -73,12 +73,18 @@ from typing import IO, Any, Final, TypeAlias
 
 from lxml import etree
 
-from connectors.mis.base import LEARNER_REQUIRED_FIELDS, MisExport, Quarantined, learner_template_problems
+from connectors.mis.base import (
+    LEARNER_REQUIRED_FIELDS,
+    MisExport,
+    Quarantined,
+    learner_template_problems,
+    mapping_error_problems,
+)
 from connectors.mis.base import MisWarning as CtfWarning
 from connectors.mis.errors import CtfRefused
 from schoolslink.errors import ConfigurationError
 from schoolslink.identifiers import is_valid_upn
-from schoolslink.mapping.engine import CompiledMapping, MappingError, MappingSet, UnmappedCode, load_mappings
+from schoolslink.mapping.engine import CompiledMapping, MappingError, MappingSet, load_mappings
 from schoolslink.model import Learner, LearnerFlags
 
 ACCEPTED_CTF_VERSIONS: Final[tuple[str, ...]] = ("24", "25")
@@ -396,7 +402,6 @@ LEARNER_MAPPING: Final = "ctf-learner"
 _SEX_TABLES: Final = frozenset({"ctf-sex", "ctf-sex-codes"})  # an unknown code here: "Sex is not one of ..."
 _SEN_TABLE: Final = "ctf-sen-provision"  # its codes are the SEN provisions read without a warning
 _REQUIRED_FIELDS: Final = LEARNER_REQUIRED_FIELDS
-_UNMAPPED_TABLE_RE = re.compile(r"code table (\S+) has no entry")
 
 
 @dataclass(frozen=True, slots=True)
@@ -715,17 +720,8 @@ class _FileReader:
                 out = self.mapped(d, self.run_context)[0]  # the compiled mapping itself: no per-record setup
             except Exception:  # noqa: BLE001 - run() again through the public API, which says what it was
                 out = self.compiled.run(d, self.context, record_key=f"pupil#{pos}")
-        except UnmappedCode as exc:
-            m = _UNMAPPED_TABLE_RE.search(exc.reason)
-            if m is not None and m.group(1) in _SEX_TABLES:
-                problems.insert(sex_at, (sex_field, f"{sex_field} is not one of M, F or U"))
-            else:
-                problems.append(("mapping", f"the {exc.mapping} mapping held it back: {exc.reason}"))
-            return _quarantined(pos, problems)
         except MappingError as exc:
-            if not problems:
-                problems.append(("mapping", f"the {exc.mapping} mapping could not map it: {exc.reason}"))
-            return _quarantined(pos, problems)
+            return _quarantined(pos, mapping_error_problems(exc, problems, _SEX_TABLES, sex_at, sex_field))
         if problems:
             return _quarantined(pos, problems)
 

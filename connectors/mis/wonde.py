@@ -124,11 +124,12 @@ from connectors.mis.base import (
     Quarantined,
     learner_from_mapped,
     learner_template_problems,
+    mapping_error_problems,
 )
 from connectors.mis.errors import FileRefused, MisInputError
 from schoolslink.errors import ConfigurationError
 from schoolslink.identifiers import is_valid_uln, is_valid_upn
-from schoolslink.mapping.engine import CompiledMapping, MappingError, MappingSet, UnmappedCode, load_mappings
+from schoolslink.mapping.engine import CompiledMapping, MappingError, MappingSet, load_mappings
 from schoolslink.mapping.functions_wonde import stated_upns, wonde_bool, wonde_date, wonde_text
 from schoolslink.model import Learner
 
@@ -419,7 +420,6 @@ LEARNER_MAPPING: Final = "wonde-learner"
 _GENDER_TABLE: Final = "wonde-gender"
 _SEN_TABLE: Final = "ctf-sen-provision"
 _REQUIRED_FIELDS: Final = LEARNER_REQUIRED_FIELDS
-_UNMAPPED_TABLE_RE: Final = re.compile(r"code table (\S+) has no entry")
 
 
 @dataclass(frozen=True, slots=True)
@@ -565,6 +565,9 @@ def _first_stated(*values: Any) -> Any:
     return next((v for v in values if v is not None and v != ""), None)
 
 
+_GENDER_TABLES: Final = frozenset({_GENDER_TABLE})
+
+
 class _Reader:
     """State of one read of one pull document."""
 
@@ -664,17 +667,8 @@ class _Reader:
         # code is another problem (the mapping looks the gender up first, so nothing else can fail before).
         try:
             out = self.compiled.run(s, self.context, record_key=f"student#{pos}")
-        except UnmappedCode as exc:
-            m = _UNMAPPED_TABLE_RE.search(exc.reason)
-            if m is not None and m.group(1) == _GENDER_TABLE:
-                problems.insert(gender_at, ("gender", "gender is not one of M, F or U"))
-            else:
-                problems.append(("mapping", f"the {exc.mapping} mapping held it back: {exc.reason}"))
-            return _quarantined(pos, problems)
         except MappingError as exc:
-            if not problems:
-                problems.append(("mapping", f"the {exc.mapping} mapping could not map it: {exc.reason}"))
-            return _quarantined(pos, problems)
+            return _quarantined(pos, mapping_error_problems(exc, problems, _GENDER_TABLES, gender_at, "gender"))
         if problems:
             return _quarantined(pos, problems)
 

@@ -30,6 +30,10 @@ Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
 def register(name: str, min_args: int, max_args: int | None = None) -> Decorator:
+    """Register a mapping function; a name registered twice is refused (one registry, no shadowing)."""
+    if name in REGISTRY:
+        raise RuntimeError(f"mapping function {name!r} is registered twice")
+
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         REGISTRY[name] = Function(name, fn, min_args, max_args if max_args is not None else min_args,
                                   (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "")

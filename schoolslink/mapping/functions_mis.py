@@ -14,19 +14,12 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable
 from typing import Any
 
 from schoolslink.identifiers import is_valid_nhs_number, is_valid_uln, is_valid_upn, normalise_nhs_number
 from schoolslink.mapping import functions as _f
 
-
-def _register(name: str, min_args: int, max_args: int | None = None) -> Callable[[Callable[..., Any]],
-                                                                                Callable[..., Any]]:
-    """`functions.register`, refusing a name another module already registered (one registry, no shadowing)."""
-    if name in _f.REGISTRY:
-        raise RuntimeError(f"mapping function {name!r} is registered twice")
-    return _f.register(name, min_args, max_args)
+_register = _f.register  # refuses a name another module already registered
 
 
 _XS_BOOLEAN = {"true": True, "1": True, "false": False, "0": False}
