@@ -233,3 +233,49 @@ def test_a_same_night_rerun_keeps_what_changed_since_the_last_night(demo: DemoRu
     for f in (demo.home / "out" / "feeds").glob(f"*/{RUN_DATE}/feed.json"):
         for row in json.loads(f.read_text())["rows"]:
             assert row["changed"] == "new"
+
+
+def test_may_share_agrees_with_every_disclosure_the_runs_made(demo: DemoRun, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-question gate (`may_share`) and the pipeline's bulk gates must agree: for every linked learner,
+    trust and item an agreement could carry, `may_share` says yes exactly when the ledger records that item as
+    sent to that trust (school -> trust) or shown to the learner's school in a feed (trust -> school)."""
+    from datetime import date
+
+    from sqlalchemy import create_engine, select
+
+    from schoolslink.constants import PURPOSE_SUPPORT
+    from schoolslink.governance.agreement import load_agreements
+    from schoolslink.governance.share import may_share
+    from schoolslink.model import Direction
+    from schoolslink.store.schema import ledger, links, trust_referrals
+
+    monkeypatch.setenv("SCHOOLSLINK_HOME", str(demo.home))
+    monkeypatch.setenv("SCHOOLSLINK_KEY", "e2e-test-key")
+    agreements = load_agreements()
+    day = date.fromisoformat(RUN_DATE)
+    eng = create_engine(f"sqlite:///{demo.home / 'state.db'}")
+    with eng.connect() as conn:
+        sent = {(r.direction, r.subject_key, r.recipient.split(":", 1)[1] if r.direction == "school_to_trust"
+                 else None, item)
+                for r in conn.execute(select(ledger)) for item in r.data_items.split(",")}
+        linked = conn.execute(select(links.c.learner_key, links.c.trust_ods, links.c.patient_ref)).all()
+        referred = {(r.trust_ods, r.patient_ref) for r in conn.execute(
+            select(trust_referrals.c.trust_ods, trust_referrals.c.patient_ref))}
+        agree_s2t = ["attendance_percent", "sen_provision", "exclusions_fixed_count", "year_group"]
+        checked = 0
+        for key, trust, pref in linked:
+            for item in agree_s2t:
+                d = may_share(conn, agreements, key, trust, Direction.SCHOOL_TO_TRUST, PURPOSE_SUPPORT, item, day)
+                # attendance, SEN, exclusions and year group are sent only when the learner has a value for them
+                if ("school_to_trust", key, trust, item) in sent:
+                    assert d.allowed, (key, item, d.reason)
+                elif item == "attendance_percent":
+                    assert not d.allowed, (key, item, d.reason)
+                checked += 1
+            if (trust, pref) in referred:
+                d = may_share(conn, agreements, key, trust, Direction.TRUST_TO_SCHOOL, PURPOSE_SUPPORT,
+                              "referral_status", day)
+                assert d.allowed == (("trust_to_school", key, None, "referral_status") in sent), (key, d.reason)
+                checked += 1
+    eng.dispose()
+    assert checked > 100 and any(s[0] == "trust_to_school" for s in sent)
