@@ -6,8 +6,13 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
 
 
 def _home(args: argparse.Namespace) -> Path:
@@ -55,6 +60,7 @@ def cmd_agreement_check(args: argparse.Namespace) -> int:
     print(f"  trusts: {', '.join(t.ods for t in a.trusts)}; purposes: {', '.join(a.purposes)}")
     for d, items in sorted(a.items.items()):
         print(f"  {d.value} may carry: {', '.join(sorted(items)) or '(nothing)'}")
+    print(f"  the trust is sent a notice when consent is withdrawn: {'yes' if a.notify_withdrawal else 'no'}")
     return 0
 
 
@@ -142,6 +148,100 @@ def cmd_mis_check(args: argparse.Namespace) -> int:
     return 1 if any(f["status"] == "rejected" for f in files) else 0
 
 
+def _emit(args: argparse.Namespace, doc: dict[str, Any], text: str, *, ok: bool = True) -> None:
+    """One JSON document on stdout with --json; else the text (on stderr when something was refused)."""
+    if getattr(args, "json", False):
+        print(json.dumps(doc, default=str))
+    else:
+        print(text, file=sys.stdout if ok else sys.stderr)
+
+
+def _review(args: argparse.Namespace, decide: Callable[[Connection], Any]) -> tuple[int, Any]:
+    """Run one review decision in one transaction; a refusal prints why and gives exit 1."""
+    from schoolslink.errors import DecisionRefused
+    from schoolslink.store.db import engine
+
+    try:
+        with engine().begin() as conn:
+            return 0, decide(conn)
+    except DecisionRefused as exc:
+        _emit(args, {"ok": False, "refused": str(exc)}, f"refused: {exc}", ok=False)
+        return 1, None
+
+
+def cmd_review_list(args: argparse.Namespace) -> int:
+    from schoolslink.governance import review
+    from schoolslink.store.db import engine
+
+    with engine().connect() as conn:
+        items = review.open_items(conn, school_urn=args.school, trust_ods=args.trust)
+    lines = [f"{len(items)} open review item(s)"] + [
+        f"{i.trust_ods}  {i.patient_ref}  school {i.school_urn or '-'}  candidate {i.candidate_learner_key or '-'}"
+        f"\n    {i.reason}" for i in items]
+    _emit(args, {"ok": True, "count": len(items), "items": [i.to_json() for i in items]}, "\n".join(lines))
+    return 0
+
+
+def cmd_review_confirm(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from schoolslink.governance import review
+
+    on = date.fromisoformat(args.date) if args.date else date.today()
+    code, d = _review(args, lambda conn: review.confirm(
+        conn, args.trust, args.patient_ref, by=args.by, at=datetime.now(UTC), on=on, learner_key=args.learner,
+        rules_met=args.rule_met or ()))
+    if d is not None:
+        rules = f"; rule met: {', '.join(d.details['rules_met'])}" if d.details["rules_met"] else ""
+        _emit(args, {"ok": True, **d.to_json()},
+              f"confirmed: {d.trust_ods} {d.patient_ref} linked to learner {d.learner_key} by {d.by}{rules} "
+              f"(decision {d.decision_id})")
+    return code
+
+
+def cmd_review_reject(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from schoolslink.governance import review
+
+    code, d = _review(args, lambda conn: review.reject(conn, args.trust, args.patient_ref, by=args.by,
+                                                       at=datetime.now(UTC), reason=args.reason))
+    if d is not None:
+        _emit(args, {"ok": True, **d.to_json()},
+              f"rejected: {d.trust_ods} {d.patient_ref} will not be matched again (decision {d.decision_id})")
+    return code
+
+
+def cmd_review_unlink(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from schoolslink.governance import review
+
+    at = datetime.now(UTC)
+    code, d = _review(args, lambda conn: review.unlink(conn, args.learner_key, args.trust, by=args.by,
+                                                       reason=args.reason, at=at))
+    if d is None:
+        return code
+    doc: dict[str, Any] = {"ok": True, **d.to_json()}
+    text = [f"unlinked: learner {d.learner_key} from {d.trust_ods} {d.patient_ref} (decision {d.decision_id}); "
+            f"{d.details['retractions_due']} resource(s) due for retraction, {d.details['feed_corrections_due']} "
+            "school feed correction(s) due in the next feed"]
+    if args.now:
+        from schoolslink.pipeline import retraction
+
+        sent = retraction.send_due(d.decision_id, review.DAG_ID, at, trusts=[d.trust_ods])
+        still = sum(sent.get(k, 0) for k in ("retractions_no_endpoint", "retractions_refused", "retractions_still_due"))
+        doc.update(sent_now=sent, ok=still == 0)
+        text.append(f"sent now: {sent.get('retracted', 0)} marked entered-in-error on the trust's server"
+                    + (f"; {still} not sent now: the next mis_ingest run sends them" if still else ""))
+        if still:
+            code = 1
+    else:
+        text.append("the next mis_ingest run sends the retraction (or run again with --now)")
+    _emit(args, doc, "\n".join(text), ok=code == 0)
+    return code
+
+
 def _trust_args(p: argparse.ArgumentParser) -> None:
     """The options that size and place a synthetic trust (demo and synth)."""
     p.add_argument("--schools", type=int, default=20)
@@ -196,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("path", nargs="?")
     mt.set_defaults(func=cmd_mappings_test)
 
+    _review_parser(sub)
+
     f = sub.add_parser("feeds", help="school status feeds")
     fsub = f.add_subparsers(dest="feeds_command", required=True)
     fb = fsub.add_parser("build", help="build every school's feed for that night")
@@ -203,6 +305,51 @@ def build_parser() -> argparse.ArgumentParser:
     fb.add_argument("--out", help="folder for the feeds (default out/feeds under SCHOOLSLINK_HOME)")
     fb.set_defaults(func=cmd_feeds_build)
     return p
+
+
+def _review_parser(sub: Any) -> None:
+    from schoolslink.governance.review import CASE_RULES, RULES
+
+    mt = sub.add_parser("match", help="identity matching")
+    msub = mt.add_subparsers(dest="match_command", required=True)
+    rv = msub.add_parser("review", help="the identity review queue (docs/review-queue.md)")
+    rsub = rv.add_subparsers(dest="review_command", required=True)
+
+    ls = rsub.add_parser("list", help="open review items: trust, patient reference, school, reason, candidate key")
+    ls.add_argument("--school", metavar="URN")
+    ls.add_argument("--trust", metavar="ODS")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_review_list)
+
+    rules = "; ".join(f"{flag.replace('_', '-')}: {' or '.join(names)}" for flag, names in CASE_RULES.items())
+    cf = rsub.add_parser("confirm", help="link the item's patient to a learner, as a person decided")
+    cf.add_argument("trust", metavar="TRUST")
+    cf.add_argument("patient_ref", metavar="PATIENT_REF")
+    cf.add_argument("--learner", metavar="KEY", help="the learner key (default: the item's candidate)")
+    cf.add_argument("--by", required=True, metavar="NAME", help="the reviewer's name (staff, recorded)")
+    cf.add_argument("--rule-met", action="append", choices=sorted(RULES), metavar="RULE",
+                    help=f"the agreement's rule that is met, for a sensitive case ({rules})")
+    cf.add_argument("--date", help="the day the consent rules are checked, YYYY-MM-DD (default today)")
+    cf.add_argument("--json", action="store_true")
+    cf.set_defaults(func=cmd_review_confirm)
+
+    rj = rsub.add_parser("reject", help="decide no link: the patient is never matched automatically again")
+    rj.add_argument("trust", metavar="TRUST")
+    rj.add_argument("patient_ref", metavar="PATIENT_REF")
+    rj.add_argument("--by", required=True, metavar="NAME")
+    rj.add_argument("--reason", metavar="TEXT", help="why (no pupil names or identifiers)")
+    rj.add_argument("--json", action="store_true")
+    rj.set_defaults(func=cmd_review_reject)
+
+    ul = rsub.add_parser("unlink", help="withdraw a wrong link and retract everything sent under it")
+    ul.add_argument("learner_key", metavar="LEARNER_KEY")
+    ul.add_argument("trust", metavar="TRUST")
+    ul.add_argument("--by", required=True, metavar="NAME")
+    ul.add_argument("--reason", required=True, metavar="TEXT", help="why the link was wrong (no pupil identifiers)")
+    ul.add_argument("--now", action="store_true",
+                    help="send the retraction to the trust's FHIR server now, not in the next mis_ingest run")
+    ul.add_argument("--json", action="store_true")
+    ul.set_defaults(func=cmd_review_unlink)
 
 
 def main(argv: list[str] | None = None) -> int:

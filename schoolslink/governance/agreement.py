@@ -22,8 +22,9 @@ KNOWN_ITEMS = DATA_ITEMS
 
 _TOP_KEYS = {
     "id", "version", "title", "effective_from", "effective_to", "lawful_basis", "parties",
-    "purposes", "directions", "consent", "retention", "link_contacts",
+    "purposes", "directions", "consent", "retention", "link_contacts", "notices",
 }
+_NOTICES = {"withdrawal"}
 _REQUIRED = {"id", "version", "effective_from", "parties", "purposes", "directions", "lawful_basis"}
 
 
@@ -50,6 +51,7 @@ class Agreement:
     school_link_contacts: dict[str, tuple[str, str]]  # urn -> (name, email); '*' for every school
     consent_required: bool
     source_path: str
+    notify_withdrawal: bool = False  # notices: {withdrawal: true}: the trust is told when consent is withdrawn
 
     def covers_school(self, urn: str) -> bool:
         if urn in self.school_urns:
@@ -157,6 +159,10 @@ def load_agreement(path: Path) -> Agreement:
     consent = doc.get("consent") or {"required": True}
     _need(isinstance(consent, dict) and set(consent) <= {"required"}, path,
           "consent takes only 'required'")
+    notices = doc.get("notices") or {}
+    _need(isinstance(notices, dict) and set(notices) <= _NOTICES
+          and all(isinstance(v, bool) for v in notices.values()), path,
+          f"notices takes {', '.join(sorted(_NOTICES))}: true or false")
     lawful = doc["lawful_basis"]
     _need(isinstance(lawful, dict) and {"article6", "article9"} <= set(lawful), path,
           "lawful_basis needs article6 and article9")
@@ -177,6 +183,7 @@ def load_agreement(path: Path) -> Agreement:
         school_link_contacts=contacts,
         consent_required=bool(consent.get("required", True)),
         source_path=str(path),
+        notify_withdrawal=bool(notices.get("withdrawal", False)),
     )
 
 

@@ -1,0 +1,131 @@
+"""Withdrawal notices: a trust that was sent a learner's school context is told when the consent is withdrawn.
+
+Runs in mis_ingest's deliver stage, after the night's delivery. For every learner and trust to which we have
+sent school context (outbox rows `sent`), over a live link, where the agreement between the learner's school
+and that trust asks for notices (`notices: {withdrawal: true}`) and the consent rules now say "consent
+withdrawn" for school -> trust, the trust gets one Communication we own (mappings/fhir-out/withdrawal-notice):
+about its own Patient, from the school, with the day of withdrawal; no data item about the child. It is sent
+once for each withdrawn consent record (its id is keyed on that record; its outbox row says it was sent),
+and recorded in the ledger (item `withdrawal_notice`, the withdrawn consent's id, the agreement version).
+
+Nothing else is sent about the learner after a withdrawal: the extraction and delivery gates see to that.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import Connection, select
+
+from connectors.fhir.client import FhirClient
+from connectors.fhir.errors import FhirError
+from schoolslink import ledger, outbox
+from schoolslink.constants import PURPOSE_SUPPORT as PURPOSE
+from schoolslink.endpoints import fhir_base
+from schoolslink.governance import register
+from schoolslink.governance.agreement import agreement_for, load_agreements
+from schoolslink.governance.consent import ConsentFacts, decide
+from schoolslink.governance.matching import live_links
+from schoolslink.mapping.engine import load_mappings
+from schoolslink.model import Direction, Disclosure
+from schoolslink.pipeline.common import quarantine_rows, store
+from schoolslink.store.query import rows_by
+from schoolslink.store.schema import consents, learners
+from schoolslink.store.schema import outbox as outbox_table
+
+MAPPING = "withdrawal-notice"
+ITEM = "withdrawal_notice"
+
+
+def _sent_subjects(conn: Connection) -> dict[str, set[str]]:
+    """Trust ODS -> learner keys we have sent school context to (and not retracted)."""
+    out: dict[str, set[str]] = defaultdict(set)
+    q = select(outbox_table.c.destination, outbox_table.c.subject_key).where(
+        outbox_table.c.status == outbox.SENT, outbox_table.c.resource_ref.like("Observation/%")).distinct()
+    for dest, subject in conn.execute(q):
+        if dest.startswith("fhir:"):
+            out[dest.removeprefix("fhir:")].add(subject)
+    return out
+
+
+def _withdrawn_on(conn: Connection, consent_id: str) -> date | None:
+    return conn.execute(select(consents.c.withdrawn_on).where(consents.c.consent_id == consent_id)).scalar()
+
+
+def notices_due(conn: Connection, run_date: date, at: datetime) -> dict[str, list[dict[str, Any]]]:
+    """Trust ODS -> the notices to send: resource, subject, consent id, agreement (id, version)."""
+    agreements = load_agreements()
+    cm = load_mappings().compile(MAPPING)
+    due: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for trust, subjects in sorted(_sent_subjects(conn).items()):
+        keys = sorted(subjects)
+        rows = {k: v[0] for k, v in rows_by(conn, learners, "learner_key", keys).items()}
+        lks = live_links(conn, keys)
+        pairs = [(k, lk) for k in keys for lk in lks.get(k, []) if lk["trust_ods"] == trust and k in rows]
+        records = register.load_for(conn, [k for k, _ in pairs] + [lk["patient_key"] for _, lk in pairs])
+        for key, lk in pairs:
+            lr = rows[key]
+            agreement = agreement_for(agreements, lr["school_urn"], trust, run_date, PURPOSE)
+            if agreement is None or not agreement.notify_withdrawal:
+                continue
+            recs = register.for_school(records.get(key, []) + records.get(lk["patient_key"], []), lr["school_urn"])
+            d = decide(recs, ConsentFacts.of(lr), Direction.SCHOOL_TO_TRUST, PURPOSE, run_date)
+            if d.allowed or d.reason != "consent withdrawn" or d.consent_id is None:
+                continue
+            withdrawn = _withdrawn_on(conn, d.consent_id) or run_date
+            resource = cm.run({"learner_key": key, "school_urn": lr["school_urn"], "trust_ods": trust,
+                               "patient_ref": lk["patient_ref"], "consent_id": d.consent_id,
+                               "withdrawn_on": withdrawn.isoformat(),
+                               "sent": at.isoformat()}, record_key=key)
+            due[trust].append({"resource": resource, "subject_key": key, "consent_id": d.consent_id,
+                               "agreement": (agreement.id, agreement.version), "mapping_version": cm.version,
+                               "problems": cm.problems(resource)})
+    return due
+
+
+def send_withdrawal_notices(run_id: str, dag_id: str, run_date: date, at: datetime) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    eng = store()
+    with eng.connect() as conn:
+        due = notices_due(conn, run_date, at)
+    for trust, notices in sorted(due.items()):
+        with eng.begin() as conn:
+            # Sent once: a notice whose withdrawal the trust already has (same day, same consent) is not sent again.
+            refs = {f"Communication/{n['resource']['id']}": n for n in notices}
+            have = {r for (r,) in conn.execute(select(outbox_table.c.resource_ref).where(
+                outbox_table.c.destination == f"fhir:{trust}", outbox_table.c.status == outbox.SENT,
+                outbox_table.c.resource_ref.in_(list(refs))))}
+            bad = [n for n in notices if n["problems"]]
+            quarantine_rows(conn, run_id, f"mapping:{MAPPING}", [(n["subject_key"], None, "; ".join(n["problems"]))
+                                                                 for n in bad])
+        todo = [n for ref, n in refs.items() if ref not in have and not n["problems"]]
+        base = fhir_base(trust)
+        if not todo or base is None:
+            counts["withdrawal_notices_waiting_for_endpoint"] += len(todo) if base is None else 0
+            continue
+        try:
+            with FhirClient(base) as client:
+                results = client.put_batch([n["resource"] for n in todo])
+        except FhirError as exc:
+            results = list(exc.partial_results)
+        sent, disclosures = [], []
+        for n, res in zip(todo, results, strict=False):
+            h = outbox.content_hash(n["resource"])
+            ref = f"Communication/{n['resource']['id']}"
+            if not res.ok:
+                counts["withdrawal_notices_refused"] += 1
+                continue
+            sent.append((ref, n["subject_key"], h, outbox.SENT, None))
+            disclosures.append(Disclosure(
+                run_id=run_id, dag_id=dag_id, direction=Direction.SCHOOL_TO_TRUST, recipient=f"ODS:{trust}",
+                subject_key=n["subject_key"], data_items=(ITEM,), agreement_id=n["agreement"][0],
+                agreement_version=n["agreement"][1], consent_id=n["consent_id"],
+                mapping_version=n["mapping_version"], content_hash=h))
+        with eng.begin() as conn:
+            outbox.record(conn, f"fhir:{trust}", sent, run_id)
+            ledger.append(conn, disclosures, at)
+        counts["withdrawal_notices_sent"] += len(sent)
+        counts["withdrawal_notices_not_sent"] += len(todo) - len(sent)
+    return dict(counts)
