@@ -236,7 +236,7 @@ def cmd_review_unlink(args: argparse.Namespace) -> int:
                     + (f"; {still} not sent now: the next mis_ingest run sends them" if still else ""))
         if still:
             code = 1
-    else:
+    elif d.details["retractions_due"]:
         text.append("the next mis_ingest run sends the retraction (or run again with --now)")
     _emit(args, doc, "\n".join(text), ok=code == 0)
     return code

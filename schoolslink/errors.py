@@ -4,6 +4,7 @@
     ├── ConfigurationError           bad agreement, mapping or setting: fix the file, then re-run
     │   └── AgreementError
     ├── PermanentDataError           bad data: quarantine the record or refuse the file, go on
+    ├── DecisionRefused              a review decision the governance rules do not allow (CLI exit 1)
     └── TransientError               a peer was slow or down (timeouts, 429, 5xx): retry later
 
 Messages carry pseudonymous keys and positions (`pupil#17`), never names, NHS numbers, UPNs or dates
@@ -27,6 +28,10 @@ class AgreementError(ConfigurationError):
 
 class PermanentDataError(SchoolslinkError):
     """Input that will never succeed as it is: quarantine it with the reason."""
+
+
+class DecisionRefused(SchoolslinkError):
+    """A person's decision (e.g. `match review confirm`) that the rules refuse; the message says why."""
 
 
 class TransientError(SchoolslinkError):

@@ -5,7 +5,16 @@ and SHA-256, written atomically into `SCHOOLSLINK_HOME/out/feeds/<URN>/<date>/`.
 Rows come from the declarative mapping `mappings/feed-out/school-feed-row.yaml`: a column whose
 data item the agreement or the consent does not allow is never filled. Every row is a
 disclosure to the school and gets a ledger entry. The feeds issue adds HTML, changes-only files,
-corrections, signposting and delivery to S3/SFTP.
+signposting and delivery to S3/SFTP.
+
+Corrections: when a link is found wrong (`match review unlink`), each school that was sent status rows
+about the learner from that trust gets one correction row in its next feed, and only in that feed (a
+same-night re-run carries it again): the pupil's UPN and names as the school holds them, the trust,
+`status_code` `entered-in-error`, a status telling the school to disregard every earlier row for the pupil
+from that trust, `changed` `correction`, and nothing else. It is not gated by consent or agreement (it
+discloses nothing about the child) and gets a ledger entry with item `retraction`. `feed_rows` keeps
+the state: `content_hash` holds `review.CORRECTION_DUE` + the decision id until a feed carries it, then
+`review.CORRECTION_SENT` + the decision id (in `prev_hash` if the same night also carries a new status row).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from schoolslink.governance import register
 from schoolslink.governance.agreement import Agreement, agreement_for, load_agreements
 from schoolslink.governance.consent import ConsentFacts, allowed_items
 from schoolslink.governance.matching import is_sensitive, live_links
+from schoolslink.governance.review import CORRECTION_DUE, CORRECTION_SENT, is_marker, retraction_reason
 from schoolslink.mapping.engine import load_mappings
 from schoolslink.model import Direction, Disclosure
 from schoolslink.pipeline.common import store
@@ -53,6 +63,10 @@ COLUMNS = (
     "changed",
 )
 FEED_MAPPING = "school-feed-row"  # mappings/feed-out/school-feed-row.yaml: which item fills which column
+CORRECTION_CODE = "entered-in-error"
+CORRECTION_STATUS = ("Sent in error: disregard every earlier status row for this pupil from this trust; "
+                     "nothing from it applied to this pupil")
+CORRECTION_VERSION = f"feed-correction-{FEED_VERSION}"  # the ledger's mapping_version for a correction row
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +75,7 @@ class FeedCounts:
     rows: int
     refused_by_consent: int
     no_agreement: int
+    corrections: int = 0
 
 
 def feed_dir(urn: str, feed_date: date) -> Path:
@@ -76,15 +91,18 @@ def build_school_feeds(run_id: str, urns: list[str], feed_date: date, at: dateti
         # place: a feed a school can read always has its ledger rows.
         with eng.begin() as conn:
             rows, disclosures, refused, no_agreement, state = _school_rows(conn, run_id, urn, feed_date, agreements)
+            totals["corrections"] += sum(1 for r in rows if r["changed"] == "correction")
             staged = _stage_feed(urn, feed_date, rows, agreements, run_id)
             ledger.append(conn, disclosures, at)
-            upsert(conn, feed_rows, state, ["school_urn", "learner_key", "trust_ods"])
+            upsert(conn, feed_rows, _not_over_new_corrections(conn, urn, state),
+                   ["school_urn", "learner_key", "trust_ods"])
         _publish(staged, feed_dir(urn, feed_date))
         totals["schools"] += 1
         totals["rows"] += len(rows)
         totals["refused"] += refused
         totals["no_agreement"] += no_agreement
-    return FeedCounts(totals["schools"], totals["rows"], totals["refused"], totals["no_agreement"])
+    return FeedCounts(totals["schools"], totals["rows"], totals["refused"], totals["no_agreement"],
+                      totals["corrections"])
 
 
 def _school_rows(
@@ -110,17 +128,17 @@ def _school_rows(
     roles = {k: v[0] for k, v in rows_by(conn, trust_practitioners, "role_ref", role_refs).items()}
     # What the school had before tonight: a re-run of tonight's feed compares with the same thing.
     previous: dict[tuple[str, str], tuple[str | None, date | None]] = {}
+    corrections: dict[tuple[str, str], str] = {}  # (learner, trust) -> the unlink decision tonight corrects
     for r in conn.execute(select(feed_rows).where(feed_rows.c.school_urn == urn)):
-        if r.feed_date < feed_date:
-            previous[(r.learner_key, r.trust_ods)] = (r.content_hash, r.feed_date)
-        else:
-            previous[(r.learner_key, r.trust_ods)] = (r.prev_hash, r.prev_date)
+        prev_hash, prev_date, decision = _before_tonight(r, feed_date)
+        previous[(r.learner_key, r.trust_ods)] = (prev_hash, prev_date)
+        if decision is not None:
+            corrections[(r.learner_key, r.trust_ods)] = decision
     consents = register.load_for(conn, list(pupils) + [x["patient_key"] for v in lks.values() for x in v])
     mappings = load_mappings()
 
-    rows: list[dict[str, Any]] = []
-    state: list[dict[str, Any]] = []
-    disclosures: list[Disclosure] = []
+    rows, state, disclosures = _corrections(conn, run_id, urn, feed_date, corrections)
+    corrected = {(s["learner_key"], s["trust_ods"]): s["content_hash"] for s in state}
     refused = no_agreement = 0
     for key, pupil in sorted(pupils.items()):
         for lk in lks.get(key, []):
@@ -170,10 +188,71 @@ def _school_rows(
                 agreement_id=agreement.id, agreement_version=agreement.version, consent_id=consent_id,
                 mapping_version=cm.version, content_hash=h,
             ))
+            if (key, trust) in corrected:  # tonight also corrects what came before: keep that for a re-run
+                state = [s for s in state if (s["learner_key"], s["trust_ods"]) != (key, trust)]
+                prev_hash, prev_date = corrected[(key, trust)], None
             state.append({"school_urn": urn, "learner_key": key, "trust_ods": trust, "content_hash": h,
                           "feed_date": feed_date, "prev_hash": prev_hash, "prev_date": prev_date})
             rows.append(row)
     return rows, disclosures, refused, no_agreement, state
+
+
+def _not_over_new_corrections(conn: Connection, urn: str, state: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The state to keep, less what would overwrite a correction made due while this feed was being built
+    (an unlink that raced the build): that correction then goes in the next feed."""
+    due = {(r.learner_key, r.trust_ods): CORRECTION_SENT + r.content_hash.removeprefix(CORRECTION_DUE)
+           for r in conn.execute(select(feed_rows.c.learner_key, feed_rows.c.trust_ods, feed_rows.c.content_hash)
+                                 .where(feed_rows.c.school_urn == urn,
+                                        feed_rows.c.content_hash.startswith(CORRECTION_DUE, autoescape=True)))}
+    return [s for s in state if (s["learner_key"], s["trust_ods"]) not in due
+            or due[(s["learner_key"], s["trust_ods"])] in (s["content_hash"], s["prev_hash"])]
+
+
+def _before_tonight(r: Any, feed_date: date) -> tuple[str | None, date | None, str | None]:
+    """From a feed_rows row: (hash, date) of the status row the school had before tonight (None, None if
+    none, or if what it had was a correction), and the unlink decision whose correction tonight's feed
+    carries (None: no correction tonight)."""
+    h, prev = r.content_hash, r.prev_hash
+    if h.startswith(CORRECTION_DUE):
+        return None, None, h.removeprefix(CORRECTION_DUE)
+    if r.feed_date < feed_date:  # tonight's feed is not built yet: the row is what the school has
+        return (None, None, None) if is_marker(h) else (h, r.feed_date, None)
+    # a re-run of tonight's feed: carry again what the first build carried
+    if h.startswith(CORRECTION_SENT):
+        return None, None, h.removeprefix(CORRECTION_SENT)
+    if prev is not None and prev.startswith(CORRECTION_SENT):
+        return None, None, prev.removeprefix(CORRECTION_SENT)
+    return (None, None, None) if is_marker(prev) else (prev, r.prev_date, None)
+
+
+def _corrections(conn: Connection, run_id: str, urn: str, feed_date: date, due: dict[tuple[str, str], str]
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Disclosure]]:
+    """Tonight's correction rows (rows, feed_rows state, ledger entries): identity and the correction only."""
+    rows: list[dict[str, Any]] = []
+    state: list[dict[str, Any]] = []
+    disclosures: list[Disclosure] = []
+    plain = {r["learner_key"]: r["plain"] for r in conn.execute(
+        select(learners.c.learner_key, learners.c.plain)
+        .where(learners.c.learner_key.in_(sorted({k for k, _ in due})))).mappings()} if due else {}
+    for (key, trust), decision in sorted(due.items()):
+        who = plain.get(key) or {}  # the school's own identifiers for its pupil, while the store holds them
+        row = dict.fromkeys(COLUMNS, "")
+        row.update(upn=who.get("upn") or "", surname=who.get("surname") or "", forename=who.get("forename") or "",
+                   trust_ods=trust, status=CORRECTION_STATUS, status_code=CORRECTION_CODE)
+        h = hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()
+        row["changed"] = "correction"
+        agreement_id, agreement_version = ledger.last_agreement(conn, key, f"URN:{urn}")
+        disclosures.append(Disclosure(
+            run_id=run_id, dag_id="school_feeds", direction=Direction.TRUST_TO_SCHOOL, recipient=f"URN:{urn}",
+            subject_key=key, data_items=(ledger.RETRACTION,), agreement_id=agreement_id,
+            agreement_version=agreement_version, consent_id=retraction_reason(conn, decision),
+            mapping_version=CORRECTION_VERSION, content_hash=h,
+        ))
+        state.append({"school_urn": urn, "learner_key": key, "trust_ods": trust,
+                      "content_hash": CORRECTION_SENT + decision, "feed_date": feed_date, "prev_hash": None,
+                      "prev_date": None})
+        rows.append(row)
+    return rows, state, disclosures
 
 
 def _stage_feed(urn: str, feed_date: date, rows: list[dict[str, Any]], agreements: list[Agreement],

@@ -21,6 +21,7 @@ from schoolslink.model import Disclosure
 from schoolslink.store.schema import ledger, watermarks
 
 GENESIS = "0" * 64
+RETRACTION = "retraction"  # data_items of an entry that retracts what was sent earlier (a link found wrong)
 _FIELDS = (
     "at", "run_id", "dag_id", "direction", "recipient", "subject_key", "data_items",
     "agreement_id", "agreement_version", "consent_id", "mapping_version", "content_hash",
@@ -85,6 +86,18 @@ def append(conn: Connection, disclosures: Iterable[Disclosure], at: datetime) ->
             .values(value=prev)
         )
     return len(rows)
+
+
+def last_agreement(conn: Connection, subject_key: str, recipient: str,
+                   content_hash: str | None = None) -> tuple[str, str]:
+    """The agreement (id, version) of the latest disclosure to `recipient` about `subject_key` (with that
+    content hash, if one is given and found): what a retraction of it records. ("none", "-") if none."""
+    q = (select(ledger.c.agreement_id, ledger.c.agreement_version)
+         .where(ledger.c.subject_key == subject_key, ledger.c.recipient == recipient, ledger.c.data_items != RETRACTION)
+         .order_by(ledger.c.seq.desc()).limit(1))
+    hit = conn.execute(q.where(ledger.c.content_hash == content_hash)).first() if content_hash else None
+    hit = hit or conn.execute(q).first()
+    return (str(hit[0]), str(hit[1])) if hit is not None else ("none", "-")
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,9 @@ has (outbox hash), PUT the rest by id in `batch` Bundles, then record outbox sta
 per resource that landed, in one transaction. An entry the server refuses is quarantined with its
 reason while its bundle-mates land; if the server fails part-way, what landed is recorded and the rest
 is sent again by the next run.
+
+Retractions go first: every resource due for retraction (a link found wrong, `match review unlink`) is
+marked entered-in-error on its trust's server before anything new is sent (schoolslink/pipeline/retraction.py).
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ from connectors.fhir.errors import FhirError
 from schoolslink import ledger, outbox, workstore
 from schoolslink.constants import PURPOSE_SUPPORT as PURPOSE
 from schoolslink.endpoints import fhir_base
-from schoolslink.governance import register
+from schoolslink.governance import register, review
 from schoolslink.governance.agreement import Agreement, agreement_for, load_agreements
 from schoolslink.governance.consent import ConsentFacts, decide
 from schoolslink.governance.matching import is_sensitive, live_links
 from schoolslink.model import Direction, Disclosure
+from schoolslink.pipeline import retraction
 from schoolslink.pipeline.common import quarantine_rows, store
 from schoolslink.store.query import rows_by
 from schoolslink.store.schema import learners
@@ -39,6 +43,8 @@ def deliver_outbound(
         for row in workstore.read_jsonl(key):
             by_dest[row["destination"]].append(row)
     counts: dict[str, int] = defaultdict(int)
+    for name, n in retraction.send_due(run_id, dag_id, at).items():
+        counts[name] += n
     agreements = load_agreements()
     eng = store()
     for dest, rows in sorted(by_dest.items()):
@@ -79,6 +85,9 @@ def deliver_outbound(
         with eng.begin() as conn:
             outbox.record(conn, f"fhir:{dest}", sent + failed, run_id)
             ledger.append(conn, disclosures, at)
+            # A link unlinked as wrong while this batch was in flight: what just landed under it is due too.
+            for key, decision in review.unlink_decisions(conn, dest, [subj for _, subj, _, _, _ in sent]).items():
+                counts["retractions_due_raced"] += outbox.mark_for_retraction(conn, f"fhir:{dest}", key, decision)
             quarantine_rows(conn, run_id, f"deliver:{dest}",
                             [(subj, None, f"refused by the trust's server: {err}") for _, subj, _, _, err in failed])
             if failure is not None:

@@ -25,4 +25,5 @@ def plan(max_chunks: int) -> list[dict[str, Any]]:
 def build(run_id: str, chunk: dict[str, Any], feed_date: date, at: datetime) -> dict[str, Any]:
     c = build_school_feeds(run_id, chunk["schools"], feed_date, at)
     return {"chunk": chunk["chunk"], "feeds_written": c.schools, "feed_rows": c.rows,
-            "feed_refused_by_consent": c.refused_by_consent, "feed_no_agreement": c.no_agreement}
+            "feed_refused_by_consent": c.refused_by_consent, "feed_no_agreement": c.no_agreement,
+            "feed_corrections": c.corrections}
