@@ -12,9 +12,14 @@ import hashlib
 import hmac
 import os
 import secrets
+import unicodedata
+from collections.abc import Callable, Mapping
+from datetime import date
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
+from schoolslink.identifiers import is_valid_nhs_number
 from schoolslink.settings import home
 
 
@@ -93,3 +98,153 @@ def match_hash(school_urn: str, surname: str, forename: str, dob_iso: str) -> st
 
 def _norm_name(s: str) -> str:
     return "".join(ch for ch in s.upper() if ch.isalpha())
+
+
+
+def match_key(kind: str, school_urn: str, value: str) -> str:
+    """The keyed hash of one normalised attribute (`kind`: surname, forename, dob, ...) of a pupil or trust Patient,
+    scoped to one school, for scored matching (schoolslink/governance/scoring.py normalises the value first).
+
+    Equal only for the same kind, school and value, so two records of one school can be compared attribute by
+    attribute without either being stored in plain; scoped to the school so equal values at different schools
+    give different keys (no cross-school linkage by frequency). 12 hex digits (48 bits): ample to tell the values
+    of one school's roll apart, and meaningless without the key.
+    """
+    return match_keyer(school_urn)(kind, value)
+
+
+def match_keyer(school_urn: str) -> Callable[[str, str], str]:
+    """`match_key` for one school, `(kind, value) -> key`: HMAC-SHA256 (RFC 2104) with the inner and outer hash
+    states for the key and school prepared once, since a roll is keyed by the thousand."""
+    inner, outer = _match_key_states(key(), school_urn.strip())
+
+    def keyed(kind: str, value: str) -> str:
+        h = inner.copy()
+        h.update(f"{kind}\x1f{value}".encode())
+        o = outer.copy()
+        o.update(h.digest())
+        return str(o.hexdigest()[:12])
+
+    return keyed
+
+
+@lru_cache(maxsize=1024)
+def _match_key_states(k: bytes, school_urn: str) -> tuple[Any, Any]:
+    """SHA-256 states after (key XOR ipad) + the message prefix, and after (key XOR opad): HMAC's two halves."""
+    block = hashlib.sha256().block_size
+    k = hashlib.sha256(k).digest() if len(k) > block else k
+    k = k.ljust(block, b"\0")
+    inner = hashlib.sha256(bytes(b ^ 0x36 for b in k))
+    inner.update(f"match-key\x1f{school_urn}\x1f".encode())
+    outer = hashlib.sha256(bytes(b ^ 0x5C for b in k))
+    return inner, outer
+
+
+# Match keys: one keyed hash per normalised attribute, for scored matching (schoolslink/governance/scoring.py) ------
+#
+#   sn / psn / snx   legal surname / preferred (school) or usual (trust) surname / Soundex code of the legal surname
+#   fn / pfn         legal forename / preferred (school) or usual (trust) forename
+#   dob / dobx       date of birth / the same date with day and month swapped (only when both are 1-12 and differ)
+#   sex              M or F (anything else is left out: missing, not a disagreement)
+#   pc / pcd         full postcode / its outward code (district)
+#   nhs              pupils only: the patient key of the NHS number the school's MIS holds, if any
+#
+# Legal and preferred names are keyed under one kind (so either compares with the other side's), and so are dob and
+# dobx. Names are folded to A-Z (accents, spaces, hyphens, apostrophes dropped); postcodes to capitals, no spaces.
+
+MATCH_KEY_NAMES = ("sn", "psn", "snx", "fn", "pfn", "dob", "dobx", "sex", "pc", "pcd", "nhs")
+
+
+def fold_name(value: object) -> str:
+    """A name folded to A-Z: accents dropped, then everything that is not a letter."""
+    text = unicodedata.normalize("NFKD", str(value or "")).upper()
+    return "".join(ch for ch in text if "A" <= ch <= "Z")
+
+
+_SOUNDEX = {**dict.fromkeys("BFPV", "1"), **dict.fromkeys("CGJKQSXZ", "2"), **dict.fromkeys("DT", "3"),
+            "L": "4", **dict.fromkeys("MN", "5"), "R": "6"}
+
+
+def soundex(name: str) -> str:
+    """American Soundex of a name already folded to A-Z ('' for ''): a letter and three digits."""
+    if not name:
+        return ""
+    out, prev = name[0], _SOUNDEX.get(name[0], "")
+    for ch in name[1:]:
+        code = _SOUNDEX.get(ch, "")
+        if code and code != prev:
+            out += code
+            if len(out) == 4:
+                break
+        if ch not in "HW":  # H and W do not separate equal codes; vowels do
+            prev = code
+    return out.ljust(4, "0")
+
+
+def _sex(value: object) -> str | None:
+    return {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F"}.get(str(value or "").strip().upper())
+
+
+def _postcode(value: object) -> str | None:
+    s = "".join(str(value or "").split()).upper()
+    return s if 5 <= len(s) <= 7 and s.isascii() and s.isalnum() else None
+
+
+def _swapped(dob_iso: str) -> str | None:
+    d = date.fromisoformat(dob_iso)
+    if d.day > 12 or d.day == d.month:
+        return None
+    return date(d.year, d.day, d.month).isoformat()
+
+
+def match_keys(school_urn: object, *, surname: object, forename: object, dob: object,
+               preferred_surname: object = None, preferred_forename: object = None, sex: object = None,
+               postcode: object = None, nhs_key: str | None = None) -> dict[str, str] | None:
+    """The match keys of one record at one school (None without a school: there is nothing to match within).
+
+    `dob` is an ISO date (or a date). A preferred name equal to the legal one is left out. `nhs_key` is the patient
+    key (`patient_key`) of an NHS number the school holds; a trust Patient's own key is kept beside its match keys.
+    """
+    urn = str(school_urn or "").strip()
+    if not urn:
+        return None
+    k = match_keyer(urn)
+    out: dict[str, str] = {}
+    sn, fn = fold_name(surname), fold_name(forename)
+    psn, pfn = fold_name(preferred_surname), fold_name(preferred_forename)
+    if sn:
+        out["sn"] = k("surname", sn)
+        out["snx"] = k("surname-soundex", soundex(sn))
+    if psn and psn != sn:
+        out["psn"] = k("surname", psn)
+    if fn:
+        out["fn"] = k("forename", fn)
+    if pfn and pfn != fn:
+        out["pfn"] = k("forename", pfn)
+    dob_iso = dob.isoformat() if isinstance(dob, date) else str(dob or "")[:10]
+    if dob_iso:
+        out["dob"] = k("dob", dob_iso)
+        swapped = _swapped(dob_iso)
+        if swapped:
+            out["dobx"] = k("dob", swapped)  # the kind of dob, so it compares with the other side's dob
+    s = _sex(sex)
+    if s:
+        out["sex"] = k("sex", s)
+    pc = _postcode(postcode)
+    if pc:
+        out["pc"] = k("postcode", pc)
+        out["pcd"] = k("postcode-district", pc[:-3])
+    if nhs_key:
+        out["nhs"] = nhs_key
+    return out
+
+
+def learner_match_keys(learner: Mapping[str, Any]) -> dict[str, str] | None:
+    """The match keys of a canonical learner dict (as the work store holds it: ISO dob, M/F/U sex)."""
+    nhs = str(learner.get("nhs_number") or "").replace(" ", "")
+    return match_keys(
+        learner.get("school_urn"), surname=learner.get("surname"), forename=learner.get("forename"),
+        dob=learner.get("dob"), preferred_surname=learner.get("preferred_surname"),
+        preferred_forename=learner.get("preferred_forename"), sex=learner.get("sex"),
+        postcode=learner.get("postcode"), nhs_key=patient_key(nhs) if is_valid_nhs_number(nhs) else None,
+    )

@@ -59,6 +59,11 @@ class ReferralStatus(enum.StrEnum):
 class MatchMethod(enum.StrEnum):
     VERIFIED_NHS_NUMBER_NAME_DOB = "verified_nhs_number+name+dob"
     CONFIRMED_BY_REVIEWER = "confirmed_by_reviewer"
+    # Identity matching (schoolslink/governance/scoring.py): a score at or above AUTO; the trust's verified number
+    # equal to the one the school's MIS holds; or a PDS trace of the school's details finding the trust's number.
+    SCORED_DEMOGRAPHICS = "scored_demographics"
+    VERIFIED_NHS_NUMBER_SCHOOL_RECORD = "verified_nhs_number+school_record"
+    PDS_TRACE = "pds_trace+verified_nhs_number"
 
 
 class ReviewReason(enum.StrEnum):
@@ -70,6 +75,11 @@ class ReviewReason(enum.StrEnum):
     RESTRICTED = "restricted record (PDS R): never disclosed"
     ALREADY_LINKED = "the pupil is already linked to another patient of this trust: a person must decide"
     BECAME_SENSITIVE = "the link was suspended: the case became sensitive or restricted after it was made"
+    # Scored matching (schoolslink/governance/scoring.py).
+    LOW_SCORE = "the best pupil on the named school's roll agrees only in part (score below the auto-link threshold)"
+    AMBIGUOUS = "more than one pupil on the named school's roll could be this child (e.g. twins): a person must choose"
+    NHS_NUMBER_DISAGREES = ("the school's or PDS's NHS number for the best pupil is not the trust's: "
+                            "a person must decide")
 
 
 @dataclass(slots=True)

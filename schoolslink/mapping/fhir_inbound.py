@@ -5,8 +5,9 @@ beside each); this module runs the compiled mapping and turns its JSON-ish outpu
 every column present (None where the resource has nothing) and ISO dates as `datetime.date`.
 
 Patient is read, never written, and reduced at once to keyed pseudonyms: the NHS number becomes a
-patient key, name and date of birth a match hash. A resource that cannot be read raises
-`InboundError` with the field and reason (never its values), and is quarantined by reference.
+patient key, name and date of birth a match hash, and each attribute scored matching compares (names, date of
+birth, gender, home postcode) a keyed hash in `match_keys` (schoolslink/governance/scoring.py). A resource that
+cannot be read raises `InboundError` with the field and reason (never its values), and is quarantined by reference.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ Row = dict[str, Any]
 # The mapping that reads each type, the columns of its row (in order) and which of them are dates.
 MAPPINGS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "Patient": ("fhir-patient-match",
-                ("patient_ref", "patient_key", "school_urn", "match_hash", "verified", "restricted", "version_id"),
+                ("patient_ref", "patient_key", "school_urn", "match_hash", "verified", "restricted", "version_id",
+                 "match_keys"),
                 ()),
     "ServiceRequest": ("fhir-service-request-referral",
                        ("referral_ref", "patient_ref", "fhir_status", "received", "team_type", "rejection_reason",
@@ -51,6 +53,8 @@ MAPPINGS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
 # engine leaves every empty value out of its output).
 _LIST_COLUMNS = frozenset({"school_urns", "purposes"})
 _EMPTY_LISTS = frozenset({"purposes"})
+# Columns that hold a JSON object of keyed hashes the mapping builds itself (text values only).
+_KEY_COLUMNS = frozenset({"match_keys"})
 _SCALARS = frozenset({str, bool})  # every FHIR element we keep is text (code, id, reference, date) or a flag we make
 
 # Loaded when this module is imported, so a broken mapping file stops the pull at once (the DAG fails to import,
@@ -78,6 +82,7 @@ def _reader(rtype: str, mapping: str, columns: tuple[str, ...], dates: tuple[str
     ctx = {"mapping_version": cm.version}
     template = dict.fromkeys(columns)
     list_columns = frozenset(columns) & _LIST_COLUMNS
+    key_columns = frozenset(columns) & _KEY_COLUMNS
     empty_lists = tuple(c for c in columns if c in _EMPTY_LISTS)
     fromiso = date.fromisoformat
     shape_error = f"{rtype} is not shaped as UK Core R4 expects"
@@ -91,7 +96,8 @@ def _reader(rtype: str, mapping: str, columns: tuple[str, ...], dates: tuple[str
             # store (and fail the whole batch). Such a resource is not shaped as R4 says: refuse it.
             for c, v in out.items():
                 if type(v) not in _SCALARS and not (
-                        c in list_columns and type(v) is list and _SCALARS.issuperset(map(type, v))):
+                        c in list_columns and type(v) is list and _SCALARS.issuperset(map(type, v))) and not (
+                        c in key_columns and type(v) is dict and all(type(x) is str for x in v.values())):
                     raise InboundError("structure", shape_error)
         row = template.copy()
         row.update(out)

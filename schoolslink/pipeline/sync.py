@@ -1,8 +1,10 @@
 """nhs_sync stages: pull each trust's changes by `_lastUpdated` watermark into the state store.
 
-We read, never write, the trust's Patient: only its keyed NHS-number pseudonym, its match hash, the
-school it names, whether its NHS number is verified and whether it is restricted are kept. Our own
-writes (meta.source / tag) are skipped. The watermark advances only after a type's rows are stored.
+We read, never write, the trust's Patient: only its keyed NHS-number pseudonym, its match hash and per-attribute
+match keys (keyed hashes: schoolslink/governance/scoring.py), the school it names, whether its NHS number is
+verified and whether it is restricted are kept. Our own writes (meta.source / tag) are skipped. The watermark
+advances only after a type's rows are stored. Matching then runs, with a PDS trace only when one is configured
+(`SCHOOLSLINK_PDS_TRACE_URL`; off by default).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from sqlalchemy import Connection, Engine, select
 
 from connectors.fhir.client import FhirClient
 from connectors.fhir.errors import FhirError, FhirTransientError
+from connectors.pds.client import PdsFhirClient
 from schoolslink.endpoints import fhir_base
 from schoolslink.errors import SchoolslinkError, TransientError
 from schoolslink.governance import register
@@ -243,8 +246,18 @@ def _store_consents(conn: Connection, run_id: str, trust: str, batch: list[dict[
 
 
 def match_all(run_id: str) -> dict[str, int]:
-    with store().begin() as conn:
-        m = match_pending(conn, run_id)
-    return {"linked_now": m.linked, "to_review": m.review}
+    """Match every pending trust Patient; with the PDS trace when one is configured (counts say what it did)."""
+    trace = PdsFhirClient.from_env()
+    try:
+        with store().begin() as conn:
+            m = match_pending(conn, run_id, trace=trace)
+    finally:
+        if trace is not None:
+            trace.close()
+    counts = {"linked_now": m.linked, "to_review": m.review}
+    if trace is not None:
+        counts.update({"pds_traced": m.traced, "linked_by_pds_trace": m.linked_by_trace,
+                       "pds_trace_failed": m.trace_failed})
+    return counts
 
 

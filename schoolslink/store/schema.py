@@ -2,7 +2,8 @@
 
 What is kept, and why (DESIGN.md, minimisation): the whole roll only as keyed hashes used for matching
 (`learners` without `plain`); plain personal data (`learners.plain`) only for learners with an active
-consent; the trust's patients only as keyed pseudonyms and match hashes, never names or NHS numbers.
+consent; the trust's patients only as keyed pseudonyms and match hashes, never names or NHS numbers. Both sides keep
+per-attribute keyed hashes (`match_keys`) for scored matching, and `match_candidates` keeps what a reviewer weighs.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ learners = Table(
     Column("age_years", Integer),
     Column("plain", JSON(none_as_null=True)),  # canonical learner, only while a consent is active
     Column("updated_run", String(250), nullable=False),
+    # keyed hash per normalised attribute (surname, forename, dob, sex, postcode, ...) for scored matching:
+    # schoolslink/governance/scoring.py. Hashes only, never values.
+    Column("match_keys", JSON(none_as_null=True)),
     Index("ix_learners_school_match", "school_urn", "match_hash"),
 )
 
@@ -90,6 +94,7 @@ patients = Table(
     Column("restricted", Boolean, nullable=False),
     Column("version_id", String(64)),
     Column("updated_run", String(250), nullable=False),
+    Column("match_keys", JSON(none_as_null=True)),  # as learners.match_keys, from the trust's Patient
 )
 
 links = Table(
@@ -116,6 +121,22 @@ review_queue = Table(
     Column("candidate_learner_key", String(40)),
     Column("reason", String(200), nullable=False),
     Column("status", String(12), nullable=False, default="open"),  # open | confirmed | rejected
+    Column("updated_run", String(250), nullable=False),
+)
+
+match_candidates = Table(
+    "match_candidates",
+    metadata,
+    # The pupils a reviewer should weigh for a trust Patient waiting in review_queue, best first (twins: both):
+    # keys, the score and which attributes agreed (levels only, never values). Rewritten whenever the Patient is
+    # matched again; gone once it links.
+    Column("trust_ods", String(10), primary_key=True),
+    Column("patient_ref", String(100), primary_key=True),
+    Column("learner_key", String(40), primary_key=True),
+    Column("rank", Integer, nullable=False),
+    Column("exact", Boolean, nullable=False),  # name and date of birth agree (the match hash)
+    Column("score", Float),  # None: either side has no match keys yet
+    Column("agreement", String(200)),  # e.g. 'surname=exact forename=disagree dob=exact sex=agree postcode=exact'
     Column("updated_run", String(250), nullable=False),
 )
 
