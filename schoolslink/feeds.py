@@ -39,7 +39,13 @@ from schoolslink.governance import register
 from schoolslink.governance.agreement import Agreement, agreement_for, load_agreements
 from schoolslink.governance.consent import ConsentFacts, allowed_items
 from schoolslink.governance.matching import is_sensitive, live_links
-from schoolslink.governance.review import CORRECTION_DUE, CORRECTION_SENT, is_marker, retraction_reason
+from schoolslink.governance.review import (
+    CORRECTION_DUE,
+    CORRECTION_SENT,
+    confirmed_for_case,
+    is_marker,
+    retraction_reason,
+)
 from schoolslink.mapping.engine import load_mappings
 from schoolslink.model import Direction, Disclosure
 from schoolslink.pipeline.common import store
@@ -114,9 +120,13 @@ def _school_rows(
             select(learners).where(learners.c.school_urn == urn, learners.c.plain.is_not(None),
                                    learners.c.left_school.is_(False))
         ).mappings()
-        if not is_sensitive(r)
     }
     lks = live_links(conn, list(pupils))
+    # A sensitive case is shown only over a link a person confirmed knowing the case (match review confirm).
+    confirmed = confirmed_for_case(conn, [(p, lk) for key, p in pupils.items() if is_sensitive(p)
+                                          for lk in lks.get(key, [])])
+    lks = {key: [lk for lk in v if not is_sensitive(pupils[key]) or (key, lk["trust_ods"]) in confirmed]
+           for key, v in lks.items()}
     patient_refs = sorted({x["patient_ref"] for v in lks.values() for x in v})
     refs = rows_by(conn, trust_referrals, "patient_ref", patient_refs)
     refs = {k: [r for r in v if r["fhir_status"] != "entered-in-error"] for k, v in refs.items()}

@@ -23,7 +23,7 @@ import datetime as dt
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Final
@@ -82,15 +82,21 @@ def _digest(path: Path) -> str:
 
 
 class LandingZone:
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, retention: Callable[[str], int | None] | None = None) -> None:
+        """`retention`: the days a school's files are kept (by URN), where an agreement says; else the default."""
         self.root = root or landing_dir()
+        self._retention = retention
+
+    def days_for(self, urn: str) -> int:
+        days = self._retention(urn) if self._retention is not None else None
+        return days if days is not None else retention_days()
 
     def _dest(self, kind: str, urn: str, fmt: str, at: dt.datetime, n: int) -> Path:
         return self.root / kind / urn / f"{_stamp(at)}-{n:04d}.{fmt}{SUFFIX}"
 
     def _meta(self, kind: str, urn: str, fmt: str, at: dt.datetime, size: int, sha: str) -> dict[str, object]:
         return {"kind": kind, "school_urn": urn, "format": fmt, "landed_at": at.isoformat(),
-                "delete_after": (at.date() + dt.timedelta(days=retention_days())).isoformat(),
+                "delete_after": (at.date() + dt.timedelta(days=self.days_for(urn))).isoformat(),
                 "size": size, "sha256": sha}
 
     def intake(self, now: dt.datetime | None = None) -> list[Landed]:

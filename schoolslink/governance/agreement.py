@@ -52,6 +52,7 @@ class Agreement:
     consent_required: bool
     source_path: str
     notify_withdrawal: bool = False  # notices: {withdrawal: true}: the trust is told when consent is withdrawn
+    landing_days: int | None = None  # retention.landing_days: how long the school's raw exports are kept
 
     def covers_school(self, urn: str) -> bool:
         if urn in self.school_urns:
@@ -159,6 +160,10 @@ def load_agreement(path: Path) -> Agreement:
     consent = doc.get("consent") or {"required": True}
     _need(isinstance(consent, dict) and set(consent) <= {"required"}, path,
           "consent takes only 'required'")
+    retention = doc.get("retention") or {}
+    _need(isinstance(retention, dict) and set(retention) <= {"landing_days", "ledger_years"}
+          and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in retention.values()), path,
+          "retention takes landing_days and ledger_years, whole numbers of 1 or more")
     notices = doc.get("notices") or {}
     _need(isinstance(notices, dict) and set(notices) <= _NOTICES
           and all(isinstance(v, bool) for v in notices.values()), path,
@@ -184,7 +189,14 @@ def load_agreement(path: Path) -> Agreement:
         consent_required=bool(consent.get("required", True)),
         source_path=str(path),
         notify_withdrawal=bool(notices.get("withdrawal", False)),
+        landing_days=retention.get("landing_days"),
     )
+
+
+def landing_days_for(agreements: list[Agreement], school_urn: str) -> int | None:
+    """The shortest landing-zone retention any agreement covering the school sets (None: none sets one)."""
+    days = [a.landing_days for a in agreements if a.landing_days is not None and a.covers_school(school_urn)]
+    return min(days) if days else None
 
 
 def agreements_dir() -> Path:

@@ -366,3 +366,23 @@ def _record(conn: Connection, d: Decision, at: datetime) -> None:
                "learner_key": d.learner_key, "by": d.by, **d.details}
     upsert(conn, runs, [{"run_id": d.decision_id, "dag_id": DAG_ID, "started_at": at, "finished_at": at,
                          "summary": summary}], ["run_id"])
+
+
+def confirmed_for_case(conn: Connection, pairs: list[tuple[Any, dict[str, Any]]]) -> set[tuple[str, str]]:
+    """Of these (learner row, link row) pairs, the (learner key, trust) whose link a person confirmed knowing
+    every sensitive flag the learner has now (`match review confirm`, with a rule met for each). A flag that
+    arose after the confirmation is not covered: that link waits for a person again."""
+    wanted = {lk["linked_run"] for lr, lk in pairs if lk.get("confirmed_by") and lk.get("linked_run")}
+    if not wanted:
+        return set()
+    flags_at: dict[str, set[str]] = {}
+    for run_id, summary in conn.execute(select(runs.c.run_id, runs.c.summary).where(
+            runs.c.dag_id == DAG_ID, runs.c.run_id.in_(sorted(wanted)))):
+        if isinstance(summary, dict) and summary.get("action") == "confirm":
+            flags_at[run_id] = set(summary.get("case_flags") or ())
+    out = set()
+    for lr, lk in pairs:
+        known = flags_at.get(lk.get("linked_run") or "")
+        if known is not None and {f for f in SENSITIVE_FLAGS if lr[f]} <= known:
+            out.add((lr["learner_key"], lk["trust_ods"]))
+    return out

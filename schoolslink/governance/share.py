@@ -8,7 +8,8 @@ In order, the first "no" wins:
 2. there is a live link between the learner and the trust's patient: not withdrawn, the patient not
    restricted (a restricted record is never disclosed);
 3. a sensitive case (looked after, adopted, child protection, do-not-tell-parent) only once a person has
-   confirmed the link (`match review confirm`), never on an automatic match;
+   confirmed the link knowing every flag the learner now has, with the rule for each met (`match review
+   confirm --rule-met`), never on an automatic match;
 4. an active agreement between the learner's school and the trust, for the purpose, lists the item for the
    direction (an agreement for another purpose never lends its items);
 5. consent, under the rules in schoolslink/governance/consent.py (who decides; refusal wins; validity dates;
@@ -30,6 +31,7 @@ from schoolslink.governance import register
 from schoolslink.governance.agreement import Agreement, agreement_for
 from schoolslink.governance.consent import ConsentFacts, decide
 from schoolslink.governance.matching import is_sensitive, live_links
+from schoolslink.governance.review import confirmed_for_case
 from schoolslink.model import Direction
 from schoolslink.store.schema import learners
 
@@ -55,8 +57,9 @@ def may_share(conn: Connection, agreements: list[Agreement], learner_key: str, t
                 None)
     if link is None:
         return ShareDecision(False, "no live link to a patient of this trust (none made, withdrawn, or restricted)")
-    if is_sensitive(row) and not link["confirmed_by"]:
-        return ShareDecision(False, "a sensitive case: nothing is shared until a person confirms the link")
+    if is_sensitive(row) and (learner_key, trust_ods) not in confirmed_for_case(conn, [(row, link)]):
+        return ShareDecision(False, "a sensitive case: nothing is shared until a person confirms the link knowing "
+                                    "the case, with the agreement's rule for it met (match review confirm)")
     agreement = agreement_for(agreements, row["school_urn"], trust_ods, at, purpose)
     if agreement is None:
         return ShareDecision(False, f"no active agreement between school {row['school_urn']} and {trust_ods} "

@@ -128,9 +128,18 @@ def match_hash(school_urn: Any, family: Any, given: Any, dob_iso: Any) -> str | 
     return keys.match_hash(str(school_urn), str(family), str(given), str(dob_iso))
 
 
+@_register("match_keys", 8)
+def match_keys(school_urn: Any, family: Any, given: Any, usual_family: Any, usual_given: Any, dob_iso: Any,
+               gender: Any, postcode: Any) -> dict[str, str] | None:
+    """The keyed attribute hashes of a Patient at the school it names (scored matching); nothing without a school."""
+    return keys.match_keys(school_urn, surname=family, forename=given, dob=dob_iso, preferred_surname=usual_family,
+                           preferred_forename=usual_given, sex=gender, postcode=postcode)
+
+
 @_register("is_restricted", 1)
 def is_restricted(meta: Any) -> bool:
-    """True if `meta.security` holds the confidentiality code R (restricted), in its system or with none.
+    """True if `meta.security` holds the confidentiality code R (restricted) or V (very restricted), in its
+    system or with none.
 
     Fails closed: a `meta` or `meta.security` not shaped as R4 says is refused, never read as "not restricted"."""
     if not meta:
@@ -139,7 +148,8 @@ def is_restricted(meta: Any) -> bool:
     if not isinstance(meta, dict) or not isinstance(security or [], list) \
             or not all(isinstance(s, dict) for s in security or ()):
         raise InboundError("meta.security", "meta.security is not a list of codings: cannot tell if restricted")
-    return any(s.get("code") == "R" and s.get("system") in (None, CONFIDENTIALITY_SYSTEM) for s in security or ())
+    return any(s.get("code") in ("R", "V") and s.get("system") in (None, CONFIDENTIALITY_SYSTEM)
+               for s in security or ())
 
 
 @_register("fhir_school_urns", 1)

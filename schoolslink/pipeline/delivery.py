@@ -27,7 +27,8 @@ from schoolslink.endpoints import fhir_base
 from schoolslink.governance import register, review
 from schoolslink.governance.agreement import Agreement, agreement_for, load_agreements
 from schoolslink.governance.consent import ConsentFacts, decide
-from schoolslink.governance.matching import is_sensitive, live_links
+from schoolslink.governance.matching import SENSITIVE_FLAGS, is_sensitive, live_links
+from schoolslink.governance.review import confirmed_for_case
 from schoolslink.model import Direction, Disclosure
 from schoolslink.pipeline import retraction
 from schoolslink.pipeline.common import quarantine_rows, store
@@ -114,13 +115,19 @@ def _recheck(conn: Connection, rows: list[dict[str, Any]], agreements: list[Agre
     """Agreement, link, flags and consent again, from the store as it is now."""
     subjects = sorted({r["subject_key"] for r in rows})
     facts: dict[str, ConsentFacts] = {}
-    sensitive: set[str] = set()
-    for key, [lr] in rows_by(conn, learners, "learner_key", subjects).items():
+    stopped: set[str] = set()
+    learner_rows = {key: lr for key, [lr] in rows_by(conn, learners, "learner_key", subjects).items()}
+    live = live_links(conn, subjects)
+    for key, lr in learner_rows.items():
         facts[key] = ConsentFacts.of(lr)
-        if lr["left_school"] or lr["plain"] is None or is_sensitive(lr):
-            sensitive.add(key)
-    links_now = {(key, lk["trust_ods"], lk["patient_ref"])
-                 for key, lks in live_links(conn, subjects).items() for lk in lks}
+        if lr["left_school"] or lr["plain"] is None:
+            stopped.add(key)
+    # A sensitive case goes only over a link a person confirmed knowing the case (match review confirm).
+    confirmed = confirmed_for_case(conn, [(lr, lk) for key, lr in learner_rows.items() if is_sensitive(lr)
+                                          for lk in live.get(key, [])])
+    links_now = {(key, lk["trust_ods"], lk["patient_ref"]) for key, lks in live.items() for lk in lks
+                 if not is_sensitive(learner_rows.get(key) or {f: False for f in SENSITIVE_FLAGS})
+                 or (key, lk["trust_ods"]) in confirmed}
     records = register.load_for(conn, subjects + sorted({r["patient_key"] for r in rows}))
     keep = []
     for r in rows:
@@ -128,7 +135,7 @@ def _recheck(conn: Connection, rows: list[dict[str, Any]], agreements: list[Agre
         if agreement is None or r["item"] not in agreement.allowed(Direction.SCHOOL_TO_TRUST):
             counts["stopped_at_delivery_agreement"] += 1
             continue
-        if (r["subject_key"], r["destination"], r["patient_ref"]) not in links_now or r["subject_key"] in sensitive \
+        if (r["subject_key"], r["destination"], r["patient_ref"]) not in links_now or r["subject_key"] in stopped \
                 or r["subject_key"] not in facts:
             counts["stopped_at_delivery_link_or_flags"] += 1
             continue

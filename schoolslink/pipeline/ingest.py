@@ -23,10 +23,11 @@ from connectors.storage.sealed import SealedFileError
 from schoolslink import workstore
 from schoolslink.constants import PURPOSE_SUPPORT as PURPOSE
 from schoolslink.governance import register
-from schoolslink.governance.agreement import Agreement, agreement_for, load_agreements
+from schoolslink.governance.agreement import Agreement, agreement_for, landing_days_for, load_agreements
 from schoolslink.governance.consent import ConsentFacts, allowed_items, decide
 from schoolslink.governance.matching import is_sensitive, live_links, match_pending
-from schoolslink.keys import learner_identity, learner_key, learner_key_of, match_hash, source_key
+from schoolslink.governance.review import confirmed_for_case
+from schoolslink.keys import learner_identity, learner_key, learner_key_of, learner_match_keys, match_hash, source_key
 from schoolslink.mapping import school_context
 from schoolslink.mapping.engine import MappingError, load_mappings
 from schoolslink.model import Consent, Direction, Learner
@@ -37,6 +38,14 @@ from schoolslink.store.upsert import upsert
 from schoolslink.validation import build_feature_frame, validate_learner_features
 
 CONTEXT_MAPPING = "school-context-observations"
+# What is kept in plain for a consented learner: what the feeds and the school-context items need, and no
+# more (no address, contacts, ethnicity, free school meals, NHS number or flags: minimisation).
+PLAIN_FIELDS = (
+    "upn", "uln", "school_urn", "surname", "forename", "preferred_surname", "preferred_forename", "dob",
+    "year_group", "sen_provision", "attendance_sessions_possible", "attendance_sessions_attended",
+    "attendance_sessions_authorised_absence", "attendance_sessions_unauthorised_absence",
+    "exclusions_fixed_count", "export_date",
+)
 
 
 def plan(run_id: str, max_chunks: int) -> list[dict[str, Any]]:
@@ -46,7 +55,8 @@ def plan(run_id: str, max_chunks: int) -> list[dict[str, Any]]:
     """
     slug = workstore.run_slug(run_id)
     workstore.purge_pupil_files(keep_run=slug)
-    zone = LandingZone()
+    agreements = load_agreements()
+    zone = LandingZone(retention=lambda urn: landing_days_for(agreements, urn))
     zone.intake()
     zone.purge()
     urns = zone.schools("mis")
@@ -208,6 +218,7 @@ def govern_map(run_id: str, part: dict[str, Any], run_date: date) -> dict[str, A
             roll.append({
                 "learner_key": key, "school_urn": r["school_urn"],
                 "match_hash": match_hash(r["school_urn"], r["surname"], r["forename"], r["dob"]),
+                "match_keys": learner_match_keys(r),
                 "looked_after": bool(lf["looked_after"]), "adopted": bool(lf["adopted"]),
                 "child_protection": fl.child_protection or bool(lf["child_protection"])
                 or bool(prev.get("child_protection")),
@@ -248,8 +259,9 @@ def govern_map(run_id: str, part: dict[str, Any], run_date: date) -> dict[str, A
                 row["school_urn"])
             facts = ConsentFacts.of(row)
             if any(decide(recs, facts, d, PURPOSE, run_date).allowed for d in Direction):
-                row["plain"] = r
-                plain_rows.append({"key": key, "plain": r})
+                kept = {k: r[k] for k in PLAIN_FIELDS if r.get(k) not in (None, "", [])}
+                row["plain"] = kept
+                plain_rows.append({"key": key, "plain": kept})
         if plain_rows:  # one executemany, not a statement a learner
             conn.execute(update(learners).where(learners.c.learner_key == bindparam("key"))
                          .values(plain=bindparam("plain")), plain_rows)
@@ -395,13 +407,17 @@ def _map_outbound(
         if r["left_school"]:
             counts["not_sent_left_school"] += 1
             continue
-        if is_sensitive(r):
-            counts["not_sent_sensitive_case"] += 1
-            continue
         if r["plain"] is None:  # no active consent from anyone who may decide
             counts["refused_by_consent"] += 1
             continue
-        for lk in lks[key]:
+        over = lks[key]
+        if is_sensitive(r):  # only over a link a person confirmed knowing the case (match review confirm)
+            confirmed = confirmed_for_case(conn, [(r, lk) for lk in over])
+            over = [lk for lk in over if (key, lk["trust_ods"]) in confirmed]
+            if not over:
+                counts["not_sent_sensitive_case"] += 1
+                continue
+        for lk in over:
             agreement = agreement_for(agreements, r["school_urn"], lk["trust_ods"], run_date, PURPOSE)
             if agreement is None:
                 counts["refused_no_agreement"] += 1

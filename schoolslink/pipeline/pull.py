@@ -28,6 +28,7 @@ from sqlalchemy import select
 from connectors.mis.errors import MisInputError
 from connectors.storage.landing import LandingZone
 from schoolslink.errors import ConfigurationError
+from schoolslink.governance.agreement import landing_days_for, load_agreements
 from schoolslink.pipeline.common import quarantine_rows, store
 from schoolslink.settings import home
 from schoolslink.store.schema import watermarks
@@ -71,7 +72,8 @@ def pull_sources(run_id: str, now: dt.datetime | None = None) -> dict[str, int]:
     counts = {"wonde_schools": 0, "wonde_pulls_landed": 0, "wonde_pulls_failed": 0}
     if cfg is None:
         return counts
-    zone = LandingZone()
+    agreements = load_agreements()
+    zone = LandingZone(retention=lambda urn: landing_days_for(agreements, urn))
     with WondeClient(cfg["base_url"], _token(cfg)) as client:
         _pull_each(client, zone, cfg, run_id, now, counts)
     return counts

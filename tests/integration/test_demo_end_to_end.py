@@ -225,6 +225,12 @@ def test_plain_data_only_with_consent_and_no_pupil_files_left_in_the_work_store(
             assert key not in plain, c["case"]
         if c["expect_trust_to_school"] or c["expect_school_to_trust"]:
             assert key in plain, c["case"]
+    from schoolslink.pipeline.ingest import PLAIN_FIELDS
+
+    # Minimisation: even for a consented learner, only what the feeds and the agreed items need.
+    kept = {k for (doc,) in db.execute("select plain from learners where plain is not null") for k in json.loads(doc)}
+    assert kept <= set(PLAIN_FIELDS) and {"upn", "surname", "dob"} <= kept
+    assert not kept & {"address_lines", "postcode", "contacts", "ethnicity", "fsm_eligible", "nhs_number"}
     assert list((demo.home / "work").rglob("*.jsonl")) == []
 
 

@@ -509,3 +509,65 @@ def test_a_feed_build_racing_an_unlink_leaves_the_correction_due(store: Engine) 
     with store.connect() as conn:
         kept = _not_over_new_corrections(conn, URN, state)
     assert [s["learner_key"] for s in kept] == ["lrn-carried", "lrn-plain"]
+
+
+def test_a_sensitive_case_flows_only_after_a_person_confirms_it_and_stops_when_a_new_flag_arises(
+        peer: MedplumServer, store: Engine, sl_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A looked-after child is never auto-linked; a person confirms the link with the local authority's consent
+    on the register; from the next night their school context reaches the trust and the school sees the status
+    (and `may_share` agrees); the link stands night after night; a child-protection flag that arises later
+    suspends it again and nothing more flows."""
+    from schoolslink.constants import PURPOSE_SUPPORT
+    from schoolslink.governance.agreement import load_agreements
+    from schoolslink.governance.share import may_share
+
+    manifest = synthesise(sl_home, schools=1, pupils=200, seed=4242, as_of=DAY1)
+    _seed(peer.base_url, sl_home)
+    case = next(c for c in manifest.cases if c.case == "looked_after")
+    key, pref = learner_key(case.upn), f"Patient/{case.patient_id}"
+    register_text = (sl_home / "landing" / "consent" / f"{URN}.csv").read_text()
+
+    _night(1, DAY1)
+    assert _link_row(store, key) is None and _status(store, pref) == "open"
+    assert not _outbox(store, key) and not _feed_rows_of(sl_home, DAY1, case.upn)
+
+    code, doc = cli_json(capsys, "match", "review", "confirm", TRUST, pref, "--by", "Jo Reviewer",
+                         "--rule-met", "local-authority-consent", "--date", DAY1.isoformat())
+    assert code == 0 and doc["case_flags"] == ["looked_after"], doc
+
+    day2 = DAY1 + timedelta(days=1)
+    _night(2, day2)
+    lk = _link_row(store, key)
+    assert lk is not None and not lk["withdrawn"]
+    sent = _outbox(store, key)
+    assert sent and set(sent.values()) == {"sent"}
+    assert [r["status_code"] for r in _feed_rows_of(sl_home, day2, case.upn)] == [case.referral_status]
+    with store.connect() as conn:
+        d = may_share(conn, load_agreements(), key, TRUST, Direction.SCHOOL_TO_TRUST, PURPOSE_SUPPORT,
+                      "attendance_percent", day2)
+    assert d.allowed, d.reason
+
+    day3 = day2 + timedelta(days=1)
+    night3 = _night(3, day3)
+    lk3 = _link_row(store, key)
+    assert lk3 is not None and not lk3["withdrawn"] and night3.get("sent", 0) == 0  # stands; nothing new to send
+
+    # The school now records a child-protection concern: the confirmation did not cover it.
+    rows = list(csv.DictReader(io.StringIO(register_text)))
+    for r in rows:
+        if r["upn"] == case.upn:
+            r["child_protection"] = "true"
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    (sl_home / "landing" / "consent" / f"{URN}.csv").write_text(out.getvalue())
+    day4 = day3 + timedelta(days=1)
+    _night(4, day4)
+    lk4 = _link_row(store, key)
+    assert lk4 is not None and lk4["withdrawn"] and _status(store, pref) == "open"
+    assert not _feed_rows_of(sl_home, day4, case.upn)
+    with store.connect() as conn:
+        d = may_share(conn, load_agreements(), key, TRUST, Direction.SCHOOL_TO_TRUST, PURPOSE_SUPPORT,
+                      "attendance_percent", day4)
+    assert not d.allowed

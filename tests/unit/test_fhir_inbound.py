@@ -17,7 +17,7 @@ from schoolslink.constants import (
     SCHOOL_URN_SYSTEM,
 )
 from schoolslink.governance import register
-from schoolslink.keys import match_hash, patient_key
+from schoolslink.keys import match_hash, match_keys, patient_key
 from schoolslink.mapping import fhir_inbound as fin
 from schoolslink.model import Consent, ConsentDecision, ConsentGiver, Direction
 
@@ -43,8 +43,9 @@ def test_patient_becomes_pseudonyms_only() -> None:
     row = fin.canonical("Patient", patient())
     assert row == {"patient_ref": "Patient/p1", "patient_key": patient_key("9990000018"), "school_urn": "900001",
                    "match_hash": match_hash("900001", "Ashby", "Tomasz", "2013-04-01"), "verified": True,
-                   "restricted": False, "version_id": None}
-    assert "9990000018" not in repr(row) and "Ashby" not in repr(row)
+                   "restricted": False, "version_id": None,
+                   "match_keys": match_keys("900001", surname="Ashby", forename="Tomasz", dob="2013-04-01")}
+    assert "9990000018" not in repr(row) and "Ashby" not in repr(row) and "2013" not in repr(row)
 
 
 def test_unverified_and_restricted_patients_are_marked() -> None:
@@ -52,6 +53,12 @@ def test_unverified_and_restricted_patients_are_marked() -> None:
     restricted = patient(meta={"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality",
                                              "code": "R"}]})
     assert fin.canonical("Patient", restricted)["restricted"] is True  # type: ignore[index]
+    very = patient(meta={"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality",
+                                       "code": "V"}]})
+    assert fin.canonical("Patient", very)["restricted"] is True  # type: ignore[index]  (very restricted)
+    normal = patient(meta={"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality",
+                                         "code": "N"}]})
+    assert fin.canonical("Patient", normal)["restricted"] is False  # type: ignore[index]
 
 
 def test_bad_nhs_number_is_refused_without_its_value() -> None:

@@ -205,3 +205,24 @@ def test_work_files_are_sealed_too(sl_home: Path) -> None:
     assert list(workstore.read_jsonl("run/chunk-0/learners.jsonl")) == rows
     assert not [q for q in p.parent.iterdir() if q.name.endswith(".part")]
     assert os.stat(p).st_size > 0
+
+
+def test_an_agreement_sets_a_schools_retention_and_the_shortest_wins(sl_home: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from schoolslink.governance.agreement import agreements_dir, landing_days_for, load_agreements
+
+    folder = tmp_path / "agreements"
+    shutil.copytree(agreements_dir(), folder)
+    text = (folder / "demo-partnership.yaml").read_text()
+    (folder / "short.yaml").write_text(text.replace("id: demo-partnership", "id: short")
+                                       .replace("landing_days: 30", "landing_days: 7")
+                                       .replace('urn_ranges: ["900001-900999"]', 'urns: ["900002"]'))
+    agreements = load_agreements(folder)
+    assert landing_days_for(agreements, "900001") == 30 and landing_days_for(agreements, "900002") == 7
+    assert landing_days_for(agreements, "100001") is None
+    zone = LandingZone(retention=lambda urn: landing_days_for(agreements, urn))
+    at = dt.datetime(2026, 11, 20, tzinfo=dt.UTC)
+    assert zone.land_bytes("mis", "900001", "xml", b"x", at).delete_after == dt.date(2026, 12, 20)
+    assert zone.land_bytes("mis", "900002", "xml", b"x", at).delete_after == dt.date(2026, 11, 27)
+    assert zone.land_bytes("mis", "100001", "xml", b"x", at).delete_after == dt.date(2026, 12, 18)  # the default 28
