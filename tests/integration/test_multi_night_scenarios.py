@@ -1,9 +1,12 @@
-"""A consent withdrawal in the middle of a multi-night scenario, end to end through the DAGs (Airflow, Medplum).
+"""Governance events in the middle of multi-night scenarios, end to end through the DAGs (Airflow, Medplum).
 
-Night 1 the pupil's school context reaches the trust and the pupil is in the school's feed. Before night 2
-the school's register records the withdrawal. Night 2 nothing more is disclosed about the pupil in either
-direction: no delivery to the trust, no row in the school's feed, no plain data kept; the trust is sent a
-notice (a Communication we own) that consent was withdrawn, as the agreement asks; the ledger still verifies.
+A consent withdrawal: night 1 the pupil's school context reaches the trust and the pupil is in the school's
+feed; before night 2 the school's register records the withdrawal; night 2 nothing more is disclosed about
+the pupil in either direction (no delivery, no feed row, no plain data kept), the trust is sent a notice (a
+Communication we own) that consent was withdrawn, as the agreement asks, and the ledger still verifies.
+
+A wrong match: night 1 a pupil is linked and their school context sent; a person unlinks the link as wrong;
+night 2 every resource sent under it is re-sent entered-in-error and the school's feed carries a correction.
 """
 
 from __future__ import annotations
@@ -110,4 +113,49 @@ def test_a_withdrawal_stops_every_later_disclosure(tmp_path: Path, monkeypatch: 
     assert plain is None
     res = subprocess.run([sys.executable, "-m", "schoolslink.cli", "audit", "verify", "--json"], capture_output=True,
                          text=True, env={**os.environ, "SCHOOLSLINK_HOME": str(home), "SCHOOLSLINK_KEY": KEY})
+    assert res.returncode == 0 and json.loads(res.stdout)["ok"]
+
+
+def test_a_wrong_match_found_between_nights_is_retracted_through_the_dags(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Night 1 a pupil is linked and their school context sent; a person finds the link wrong and unlinks it
+    (`schoolslink match review unlink`); night 2, through the DAGs, every resource sent under it is re-sent as
+    entered-in-error, the school's feed carries one correction row, and nothing more is sent under the link."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("SCHOOLSLINK_HOME", str(home))
+    monkeypatch.setenv("SCHOOLSLINK_KEY", KEY)
+    from schoolslink.keys import learner_key
+
+    env = {**os.environ, "SCHOOLSLINK_HOME": str(home), "SCHOOLSLINK_KEY": KEY}
+    with MedplumServer(log_path=tmp_path / "medplum.log") as server:
+        assert _demo(home, server.base_url, NIGHTS[0])["ok"]
+        manifest = json.loads((home / "synth-manifest.json").read_text())
+        case = next(c for c in manifest["cases"] if c["case"] == "consented")
+        urn, key = case["school_urn"], learner_key(case["upn"])
+        with FhirClient(server.base_url) as client:
+            ours = [o for o in client.all_resources("Observation")
+                    if o["subject"]["reference"] == f"Patient/{case['patient_id']}"]
+        assert ours and all(o["status"] == "final" for o in ours)
+
+        res = subprocess.run([sys.executable, "-m", "schoolslink.cli", "match", "review", "unlink", key, "R9X",
+                              "--by", "Sam Reviewer", "--reason", "the trust record is another child", "--json"],
+                             capture_output=True, text=True, env=env)
+        assert res.returncode == 0, res.stderr
+        assert case["upn"] not in res.stdout and case["surname"] not in res.stdout
+
+        second = _demo(home, server.base_url, NIGHTS[1], "--keep")
+        assert second["ok"]
+        assert second["summaries"]["mis_ingest"]["retracted"] == len(ours)
+        with FhirClient(server.base_url) as client:
+            after = {o["id"]: o for o in client.all_resources("Observation")
+                     if o["subject"]["reference"] == f"Patient/{case['patient_id']}"}
+            assert {o["id"] for o in ours} == set(after)
+            assert all(o["status"] == "entered-in-error" for o in after.values())
+            assert all(client.history_count("Observation", i) == 2 for i in after)
+        doc = json.loads((home / "out" / "feeds" / urn / NIGHTS[1] / "feed.json").read_text())
+        rows = [r for r in doc["rows"] if r["upn"] == case["upn"]]
+        assert [r["status_code"] for r in rows] == ["entered-in-error"]
+
+    res = subprocess.run([sys.executable, "-m", "schoolslink.cli", "audit", "verify", "--json"], capture_output=True,
+                         text=True, env=env)
     assert res.returncode == 0 and json.loads(res.stdout)["ok"]
