@@ -56,7 +56,9 @@ def mis_ingest() -> None:
         run_id, run_date, _ = airflow_glue.run_facts()
         return ingest.govern_map(run_id, part, run_date)
 
-    @task
+    # Runs even when no school sent an export tonight (the mapped tasks are then skipped): retractions due
+    # and withdrawal notices must not wait for an export. A failed upstream task still stops it.
+    @task(trigger_rule="none_failed")
     def deliver(parts: list[dict[str, Any]], pulled: dict[str, int]) -> dict[str, Any]:
         from schoolslink import airflow_glue, runs
         from schoolslink.pipeline import ingest
