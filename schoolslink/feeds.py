@@ -50,7 +50,7 @@ from schoolslink.mapping.engine import load_mappings
 from schoolslink.model import Direction, Disclosure
 from schoolslink.pipeline.common import store
 from schoolslink.settings import feeds_dir
-from schoolslink.status import derive
+from schoolslink.status import approaching_adulthood, derive
 from schoolslink.store.query import rows_by
 from schoolslink.store.schema import (
     feed_rows,
@@ -183,7 +183,8 @@ def _school_rows(
                     "next_appointment": st.next_appointment.isoformat() if st.next_appointment else None,
                     "contact": {"name": (role or {}).get("name"), "role": (role or {}).get("role"),
                                 "email": (role or {}).get("email")},
-                    "transition": bool(ref["transition"]),
+                    # the trust's own flag, or within six months of 18
+                    "transition": bool(ref["transition"]) or approaching_adulthood(plain.get("dob"), feed_date),
                 },
             }
             cm = mappings.compile(FEED_MAPPING, allowed)

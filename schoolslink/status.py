@@ -21,6 +21,22 @@ class SchoolStatus:
     next_appointment: date | None
 
 
+TRANSITION_MONTHS = 6  # a young person this close to 18 is flagged for transition to adult services
+
+
+def approaching_adulthood(dob: date | str | None, on: date) -> bool:
+    """True from six months before the 18th birthday on: the school and the trust plan the move to adult
+    services (the trust's own transition flag counts too; see the feed)."""
+    if dob is None:
+        return False
+    born = date.fromisoformat(dob) if isinstance(dob, str) else dob
+    months = (born.year + 18) * 12 + born.month - 1 - TRANSITION_MONTHS
+    year, month = divmod(months, 12)
+    last_day = [31, 29 if year % 4 == 0 and (year % 100 != 0 or year % 400 == 0) else 28, 31, 30, 31, 30, 31, 31,
+                30, 31, 30, 31][month]
+    return on >= date(year, month + 1, min(born.day, last_day))
+
+
 def derive(referral: dict[str, Any], episodes: list[dict[str, Any]], appointments: list[dict[str, Any]],
            on: date) -> SchoolStatus:
     """Status on `on`, from the stored rows of one ServiceRequest and its EpisodeOfCare / Appointments."""
