@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from typing import Any, Final
 
-from schoolslink.mapping.engine import MappingError, UnmappedCode
+from schoolslink.errors import ConfigurationError
+from schoolslink.mapping.engine import CompiledMapping, MappingError, MappingSet, UnmappedCode, load_mappings
 from schoolslink.model import Learner, LearnerFlags
 
 
@@ -123,3 +124,24 @@ def mapping_error_problems(exc: MappingError, problems: list[tuple[str, str]], s
     elif not problems:
         problems.append(("mapping", f"the {exc.mapping} mapping could not map it: {exc.reason}"))
     return problems
+
+
+SEN_TABLE: Final = "ctf-sen-provision"  # its codes are the SEN provisions every reader accepts without a warning
+SEN_CODES: Final = frozenset({"E", "K", "N", "S"})  # when the mappings have no such table
+
+
+def sen_codes(ms: MappingSet) -> frozenset[str]:
+    table = ms.tables.get(SEN_TABLE)
+    return frozenset(table.codes) if table is not None else SEN_CODES
+
+
+def checked_learner_mapping(ms: MappingSet | None, name: str) -> CompiledMapping:
+    """The compiled learner mapping `name`, its template checked against Learner: a ConfigurationError (the
+    installation's, not the file's) if it cannot make one. `load_mappings()` keeps what it loaded while no
+    mapping file changes, so this is cheap per file."""
+    cm = (ms if ms is not None else load_mappings()).compile(name)
+    m = cm.mapping
+    problems = learner_template_problems(m.template)
+    if problems:
+        raise ConfigurationError(f"{m.path}: the {m.name} template must fill Learner's fields: " + "; ".join(problems))
+    return cm

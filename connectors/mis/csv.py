@@ -69,6 +69,7 @@ from connectors.mis.base import (
     Quarantined,
     learner_from_mapped,
     learner_template_problems,
+    sen_codes,
 )
 from connectors.mis.errors import CsvRefused
 from schoolslink.errors import ConfigurationError
@@ -97,8 +98,6 @@ _BINARY_SIGNATURES: Final = (
     (b"\xd0\xcf\x11\xe0", "an Excel 97-2003 (XLS) or other Office file, not CSV text: save it as CSV"),
     (b"%PDF", "a PDF, not CSV text: export the report as CSV"),
 )
-_SEN_TABLE: Final = "ctf-sen-provision"
-_SEN_CODES: Final = frozenset({"E", "K", "N", "S"})  # when the mappings have no ctf-sen-provision table
 _ENCODING_NAMES: Final = {"utf-8-sig": "UTF-8", "cp1252": "Windows-1252 (cp1252)"}
 
 
@@ -158,8 +157,7 @@ class _Plan:
         # have their own checks).
         self.warn_columns = tuple(c for c in m.columns if c.target not in {key, "upn", "school_urn"})
         self.tables = ms.tables
-        table = ms.tables.get(_SEN_TABLE)
-        self.sen_codes = frozenset(table.codes) if table is not None else _SEN_CODES
+        self.sen_codes = sen_codes(ms)
         # The names a row is keyed by: the mapping's own spelling of each heading it reads.
         names = [h for c in m.columns for h in c.headings]
         if self.layout.source_id is not None:

@@ -77,12 +77,12 @@ from connectors.mis.base import (
     LEARNER_REQUIRED_FIELDS,
     MisExport,
     Quarantined,
-    learner_template_problems,
+    checked_learner_mapping,
     mapping_error_problems,
+    sen_codes,
 )
 from connectors.mis.base import MisWarning as CtfWarning
 from connectors.mis.errors import CtfRefused
-from schoolslink.errors import ConfigurationError
 from schoolslink.identifiers import is_valid_upn
 from schoolslink.mapping.engine import CompiledMapping, MappingError, MappingSet, load_mappings
 from schoolslink.model import Learner, LearnerFlags
@@ -106,7 +106,6 @@ _PRESCAN = 1 << 16
 _VERSION_RE = re.compile(r"(\d{1,3})(?:\.\d{1,3})?")
 _URN_RE = re.compile(r"\d{6}")
 _UPN_SHAPE_RE = re.compile(r"[A-Z]\d{11}[0-9ABCDEFGHJKLMNPQRTUVWXYZ]")
-_SEN_CODES: Final = frozenset({"E", "K", "N", "S"})  # when the mappings have no ctf-sen-provision table
 _BOOL: Final = {"true": True, "1": True, "false": False, "0": False}
 
 _DTD_REASON: Final = "file declares a DTD or entities; CTF files never do — refused as a possible XML entity attack"
@@ -400,7 +399,6 @@ def element_values(el: Any, _repeated: frozenset[str] = REPEATED_ELEMENTS) -> di
 
 LEARNER_MAPPING: Final = "ctf-learner"
 _SEX_TABLES: Final = frozenset({"ctf-sex", "ctf-sex-codes"})  # an unknown code here: "Sex is not one of ..."
-_SEN_TABLE: Final = "ctf-sen-provision"  # its codes are the SEN provisions read without a warning
 _REQUIRED_FIELDS: Final = LEARNER_REQUIRED_FIELDS
 
 
@@ -412,17 +410,10 @@ class _LearnerMapping:
 
 
 def _learner_mapping(ms: MappingSet | None) -> _LearnerMapping:
-    """The compiled ctf-learner mapping, its output checked against Learner (ConfigurationError if it cannot
-    make one): `load_mappings()` keeps what it loaded while no mapping file changes, so this is cheap."""
+    """The compiled ctf-learner mapping, checked against Learner, and the SEN codes read without a warning."""
     ms = ms if ms is not None else load_mappings()
-    cm = ms.compile(LEARNER_MAPPING)
-    m = cm.mapping
-    problems = learner_template_problems(m.template)
-    if problems:
-        raise ConfigurationError(f"{m.path}: the {m.name} template must fill Learner's fields: " + "; ".join(problems))
-    table = ms.tables.get(_SEN_TABLE)
-    return _LearnerMapping(cm, frozenset(table.codes) if table is not None else _SEN_CODES,
-                           frozenset(m.run_vars))
+    cm = checked_learner_mapping(ms, LEARNER_MAPPING)
+    return _LearnerMapping(cm, sen_codes(ms), frozenset(cm.mapping.run_vars))
 
 
 class CtfReader:

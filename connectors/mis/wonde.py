@@ -122,9 +122,10 @@ from connectors.mis.base import (
     MisExport,
     MisWarning,
     Quarantined,
+    checked_learner_mapping,
     learner_from_mapped,
-    learner_template_problems,
     mapping_error_problems,
+    sen_codes,
 )
 from connectors.mis.errors import FileRefused, MisInputError
 from schoolslink.errors import ConfigurationError
@@ -148,7 +149,6 @@ _WONDE_TIME: Final = "%Y-%m-%d %H:%M:%S"
 _SCHOOL_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _URN_RE: Final = re.compile(r"\d{6}")
 _UPN_SHAPE_RE: Final = re.compile(r"[A-Z]\d{11}[0-9ABCDEFGHJKLMNPQRTUVWXYZ]")
-_SEN_CODES: Final = frozenset({"E", "K", "N", "S"})  # when the mappings have no ctf-sen-provision table
 _USER_AGENT: Final = "schoolslink (Wonde client)"
 
 
@@ -418,7 +418,6 @@ def _check_school_id(school_id: str) -> None:
 
 LEARNER_MAPPING: Final = "wonde-learner"
 _GENDER_TABLE: Final = "wonde-gender"
-_SEN_TABLE: Final = "ctf-sen-provision"
 _REQUIRED_FIELDS: Final = LEARNER_REQUIRED_FIELDS
 
 
@@ -429,16 +428,9 @@ class _LearnerMapping:
 
 
 def _learner_mapping(ms: MappingSet | None) -> _LearnerMapping:
-    """The compiled wonde-learner mapping, its output checked against Learner (ConfigurationError if it cannot
-    make one)."""
+    """The compiled wonde-learner mapping, checked against Learner, and the SEN codes read without a warning."""
     ms = ms if ms is not None else load_mappings()
-    cm = ms.compile(LEARNER_MAPPING)
-    m = cm.mapping
-    problems = learner_template_problems(m.template)
-    if problems:
-        raise ConfigurationError(f"{m.path}: the {m.name} template must fill Learner's fields: " + "; ".join(problems))
-    table = ms.tables.get(_SEN_TABLE)
-    return _LearnerMapping(cm, frozenset(table.codes) if table is not None else _SEN_CODES)
+    return _LearnerMapping(checked_learner_mapping(ms, LEARNER_MAPPING), sen_codes(ms))
 
 
 def _read_source(source: Path | bytes | IO[bytes]) -> bytes:
