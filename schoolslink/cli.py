@@ -60,7 +60,8 @@ def cmd_agreement_check(args: argparse.Namespace) -> int:
     print(f"  trusts: {', '.join(t.ods for t in a.trusts)}; purposes: {', '.join(a.purposes)}")
     for d, items in sorted(a.items.items()):
         print(f"  {d.value} may carry: {', '.join(sorted(items)) or '(nothing)'}")
-    print(f"  the trust is sent a notice when consent is withdrawn: {'yes' if a.notify_withdrawal else 'no'}")
+    print(f"  the trust is sent a notice when consent is withdrawn: {'yes' if a.notify_withdrawal else 'no'}; "
+          f"when a pupil it knew moves school: {'yes' if a.notify_move else 'no'}")
     return 0
 
 

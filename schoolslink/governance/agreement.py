@@ -24,7 +24,7 @@ _TOP_KEYS = {
     "id", "version", "title", "effective_from", "effective_to", "lawful_basis", "parties",
     "purposes", "directions", "consent", "retention", "link_contacts", "notices",
 }
-_NOTICES = {"withdrawal"}
+_NOTICES = {"withdrawal", "move"}
 _REQUIRED = {"id", "version", "effective_from", "parties", "purposes", "directions", "lawful_basis"}
 
 
@@ -53,6 +53,7 @@ class Agreement:
     source_path: str
     notify_withdrawal: bool = False  # notices: {withdrawal: true}: the trust is told when consent is withdrawn
     landing_days: int | None = None  # retention.landing_days: how long the school's raw exports are kept
+    notify_move: bool = False  # notices: {move: true}: the trust is told when a pupil it knew moved school
 
     def covers_school(self, urn: str) -> bool:
         if urn in self.school_urns:
@@ -190,6 +191,7 @@ def load_agreement(path: Path) -> Agreement:
         source_path=str(path),
         notify_withdrawal=bool(notices.get("withdrawal", False)),
         landing_days=retention.get("landing_days"),
+        notify_move=bool(notices.get("move", False)),
     )
 
 

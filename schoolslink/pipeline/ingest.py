@@ -461,12 +461,13 @@ def _map_outbound(
 def deliver(run_id: str, parts: list[dict[str, Any]], run_date: date, at: datetime) -> dict[str, Any]:
     """Re-check consent, skip what each trust already has, PUT the rest by id, record in outbox and ledger."""
     from schoolslink.pipeline.delivery import deliver_outbound
-    from schoolslink.pipeline.notices import send_withdrawal_notices
+    from schoolslink.pipeline.notices import send_move_notices, send_withdrawal_notices
 
     keys = [p["outbound_key"] for p in parts]
     try:
         counts = deliver_outbound(run_id, "mis_ingest", keys, run_date, at)
-        return {**counts, **send_withdrawal_notices(run_id, "mis_ingest", run_date, at)}
+        return {**counts, **send_withdrawal_notices(run_id, "mis_ingest", run_date, at),
+                **send_move_notices(run_id, "mis_ingest", run_date, at)}
     finally:
         for k in keys:
             workstore.remove(k)

@@ -128,3 +128,62 @@ def test_each_trust_gets_only_its_own_learners_under_its_own_agreement(
     assert seen == sorted((upns[i], ods) for i, known in enumerate(KNOWN_TO) for ods in known)
     workers = {c["trust_ods"]: c["trust_link_worker_email"] for c in feed["link_contacts"]}
     assert workers == {ods: f"link.{ods.lower()}@trust.example.nhs.uk" for ods in TRUSTS}
+
+
+def test_a_pupil_who_moves_school_is_announced_to_the_trust_that_knew_them_with_the_new_area(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Night 1 learner 0 is at school 950900 and linked to trust RA1. Night 2 they are on school 950901's roll:
+    RA1 gets one move notice (a Communication we own) saying the new school is in RB2's area, by the
+    postcode-district table; the notice never names the new school; night 3 it is not sent again."""
+    home = tmp_path / "home"
+    upns, per_trust = _inputs(home)
+    new_urn = "950901"
+    agreement = _agreement("RA1", TRUSTS["RA1"])
+    agreement["parties"]["schools"]["urns"] = [URN, new_urn]
+    agreement["notices"] = {"move": True}
+    (home / "agreements" / "RA1.yaml").write_text(json.dumps(agreement))
+    (home / "agreements" / "routing").mkdir()
+    (home / "agreements" / "routing" / "postcode-districts.yaml").write_text(
+        f'schools: {{"{URN}": ZZ1, "{new_urn}": ZZ4}}\ndistricts: {{ZZ1: RA1, ZZ4: RB2}}\n')
+    for k, v in {"SCHOOLSLINK_HOME": str(home), "SCHOOLSLINK_KEY": "routing-test",
+                 "SCHOOLSLINK_AGREEMENTS": str(home / "agreements"),
+                 "SCHOOLSLINK_DB_URL": f"sqlite:///{home / 'state.db'}"}.items():
+        monkeypatch.setenv(k, v)
+    from schoolslink.pipeline import ingest, sync
+
+    export = (home / "landing" / "mis" / URN / "export.xml").read_text()
+    with MedplumServer(log_path=tmp_path / "a.log") as a:
+        monkeypatch.setenv("SCHOOLSLINK_FHIR_BASE_RA1", a.base_url)
+        with FhirClient(a.base_url) as client:
+            assert all(r.ok for r in client.put_batch(per_trust["RA1"]))
+
+        def night(n: int, day: date) -> dict[str, Any]:
+            sync.pull_trust(f"r{n}", "RA1")
+            sync.match_all(f"r{n}")
+            parts = [ingest.govern_map(f"r{n}", ingest.parse_validate(f"r{n}", c, day), day)
+                     for c in ingest.plan(f"r{n}", 1)]
+            return ingest.deliver(f"r{n}", parts, day, datetime.combine(day, datetime.min.time(), tzinfo=UTC))
+
+        night(1, DAY)
+        # Learner 0 leaves 950900 (its next full export no longer lists them) and is on 950901's roll.
+        first = export.index("<Pupil>")
+        second = export.index("<Pupil>", first + 1)
+        (home / "landing" / "mis" / URN / "export2.xml").write_text(export[:first] + export[second:])
+        moved = export.replace(f"<URN>{URN}</URN>", f"<URN>{new_urn}</URN>").replace("<Estab>3900</Estab>",
+                                                                                      "<Estab>3901</Estab>")
+        (home / "landing" / "mis" / new_urn).mkdir(parents=True)
+        (home / "landing" / "mis" / new_urn / "export.xml").write_text(
+            moved[:moved.index("<CTFpupilData>") + len("<CTFpupilData>")] + export[first:second]
+            + "</CTFpupilData></CTfile>")
+        day2 = date(2026, 11, 27)
+        counts = night(2, day2)
+        assert counts.get("move_notices_sent") == 1
+        with FhirClient(a.base_url) as client:
+            notices = client.all_resources("Communication")
+        assert len(notices) == 1
+        [n] = notices
+        assert n["subject"]["reference"] == "Patient/rt-ra1-0" and n["category"][0]["coding"][0]["code"] == \
+            "moved-school"
+        assert n["about"][0]["identifier"]["value"] == "RB2" and "RB2" in n["payload"][0]["contentString"]
+        assert new_urn not in json.dumps(n) and upns[0] not in json.dumps(n)
+        assert night(3, date(2026, 11, 28)).get("move_notices_sent", 0) == 0
