@@ -4,8 +4,12 @@ A row that cannot be read is quarantined by position (`row#N`) with the COLUMN N
 ever holds a value from the file (a UPN, a date). One bad row costs that row only. A file that cannot be
 read as the register at all (not UTF-8, not CSV, columns missing) is refused whole: `refused` says why and
 no record is returned. `read_register` never raises for bad content. Every record it returns is scoped to
-the school whose register it is (`school_urn`). The mappings issue moves the column map into a declarative
-mapping.
+the school whose register it is (`school_urn`).
+
+What each column means, and how it is read, is the declarative column map `mappings/mis-in/consent-register`
+(with the `consent-giver` and `consent-decision` code tables): a data engineer changes it, and its golden
+tests, without Python. A flag column (competent, child_protection, do_not_tell_parent) that is not yes/no
+holds its row back: those flags decide who may see a record, so they are never guessed.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ import io
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
 from schoolslink.keys import learner_key
+from schoolslink.mapping import functions
+from schoolslink.mapping.engine import CompiledMapping, MappingError, UnmappedLookup, load_mappings, safe_reason
 from schoolslink.model import Consent, ConsentDecision, ConsentGiver, Direction
 
 COLUMNS = (
@@ -41,7 +47,7 @@ class ConsentRegister:
     refused: str | None = None  # why the whole file was refused (then there are no consents and no flags)
 
 
-_E = TypeVar("_E", ConsentGiver, ConsentDecision, Direction)
+MAPPING = "consent-register"
 
 
 class _RowError(ValueError):
@@ -52,70 +58,60 @@ class _RowError(ValueError):
         self.column = column
 
 
-def _allowed(values: type[ConsentGiver] | type[ConsentDecision] | type[Direction]) -> str:
-    return ", ".join(v.value for v in values)
+_GIVERS = ", ".join(v.value for v in ConsentGiver)
+_DECISIONS = ", ".join(v.value for v in ConsentDecision)
 
 
-def _text(row: dict[str | None, str | None], column: str, required: bool = False) -> str:
-    value = row.get(column)
-    if value is None:  # a short row: DictReader fills the columns it did not reach with None
-        raise _RowError(column, f"the row ends before column {column}")
-    value = value.strip()
-    if required and not value:
-        raise _RowError(column, f"{column} is empty")
-    return value
+def _diagnose(cm: CompiledMapping, tables: dict[str, Any], row: dict[str, Any]) -> _RowError:
+    """The first column the mapping could not map, and why (value-free): each column through its function,
+    code table and required check, as the column map compiles them."""
+    for c in cm.mapping.columns:
+        value: Any = row.get(c.name)
+        try:
+            if c.fn is not None:
+                value = functions.REGISTRY[c.fn].fn(value)
+            if c.table is not None:
+                value = tables[c.table].lookup(value)
+        except UnmappedLookup:
+            allowed = {"consent-giver": _GIVERS, "consent-decision": _DECISIONS}.get(c.table or "", "")
+            return _RowError(c.name, f"{c.name} is not one of {allowed}" if allowed
+                             else f"{c.name} is not a known code")
+        except (ValueError, TypeError) as exc:
+            why = safe_reason(exc).removeprefix(f"{type(exc).__name__}: ")
+            if c.fn == "date":
+                why = "not a date (YYYY-MM-DD)"
+            return _RowError(c.name, f"{c.name} is {why}" if why.startswith("not ") else f"{c.name}: {why}")
+        if c.required and (value is None or value == "" or value == []):
+            return _RowError(c.name, f"{c.name} is empty")
+    return _RowError("row", "the row could not be read")
 
 
-def _date(row: dict[str | None, str | None], column: str) -> date | None:
-    value = _text(row, column)
-    if not value:
-        return None
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise _RowError(column, f"{column} is not a date (YYYY-MM-DD)") from None
-
-
-def _bool(row: dict[str | None, str | None], column: str) -> bool:
-    return _text(row, column).lower() in {"true", "yes", "y", "1"}
-
-
-def _code(value: str, enum: type[_E], column: str) -> _E:
-    try:
-        return enum(value)
-    except ValueError:
-        raise _RowError(column, f"{column} is not one of {_allowed(enum)}") from None
-
-
-def _parse_row(row: dict[str | None, str | None], school_urn: str) -> tuple[Consent, RegisterFlags]:
+def _parse_row(cm: CompiledMapping, tables: dict[str, Any], row: dict[str | None, str | None],
+               school_urn: str) -> tuple[Consent, RegisterFlags]:
     if row.get(None):  # DictReader puts values beyond the header under the key None
         raise _RowError("row", "the row has more values than the header has columns")
-    record_id = _text(row, "record_id", required=True)
-    key = learner_key(_text(row, "upn", required=True))
-    given_by = _code(_text(row, "given_by"), ConsentGiver, "given_by")
-    decision = _code(_text(row, "decision"), ConsentDecision, "decision")
-    directions = tuple(
-        _code(d.strip(), Direction, "directions") for d in _text(row, "directions").split(";") if d.strip()
-    )
-    purposes = tuple(p.strip() for p in _text(row, "purposes").split(";") if p.strip())
-    valid_from = _date(row, "valid_from")
-    if valid_from is None:
-        raise _RowError("valid_from", "valid_from is empty")
-    valid_to = _date(row, "valid_to")
-    withdrawn_on = _date(row, "withdrawn_on")
-    flags = RegisterFlags(_bool(row, "competent"), _bool(row, "child_protection"), _bool(row, "do_not_tell_parent"))
+    for column in COLUMNS:
+        if row.get(column) is None:  # a short row: DictReader fills the columns it did not reach with None
+            raise _RowError(column, f"the row ends before column {column}")
+    clean = {k: v for k, v in row.items() if k is not None}
+    try:
+        out = cm.run(clean, record_key="row")
+    except MappingError:
+        raise _diagnose(cm, tables, clean) from None
     consent = Consent(
-        consent_id=f"school:{school_urn}:{record_id}",
-        subject_key=key,
-        given_by=given_by,
-        decision=decision,
-        directions=directions,
-        purposes=purposes,
-        valid_from=valid_from,
-        valid_to=valid_to,
-        withdrawn_on=withdrawn_on,
+        consent_id=f"school:{school_urn}:{out['record_id']}",
+        subject_key=learner_key(out["upn"]),
+        given_by=ConsentGiver(out["given_by"]),
+        decision=ConsentDecision(out["decision"]),
+        directions=tuple(Direction(d) for d in out["directions"]),
+        purposes=tuple(out["purposes"]),
+        valid_from=date.fromisoformat(out["valid_from"]),
+        valid_to=date.fromisoformat(out["valid_to"]) if out.get("valid_to") else None,
+        withdrawn_on=date.fromisoformat(out["withdrawn_on"]) if out.get("withdrawn_on") else None,
         school_urn=school_urn,
     )
+    flags = RegisterFlags(bool(out.get("competent")), bool(out.get("child_protection")),
+                          bool(out.get("do_not_tell_parent")))
     return consent, flags
 
 
@@ -138,10 +134,12 @@ def read_register(source: Path | bytes, school_urn: str) -> ConsentRegister:
         if missing:
             return _refuse(f"consent register lacks column(s) {', '.join(missing)}: nothing in it was applied")
         reader.fieldnames = header
+        ms = load_mappings()
+        cm = ms.compile(MAPPING)
         for n, row in enumerate(reader, start=2):
             where = f"row#{n}"
             try:
-                consent, flags = _parse_row(row, school_urn)
+                consent, flags = _parse_row(cm, ms.tables, row, school_urn)
             except _RowError as exc:
                 reg.quarantined.append((where, exc.column, f"consent record unreadable: {exc}"))
                 continue

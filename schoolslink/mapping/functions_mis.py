@@ -326,3 +326,24 @@ def nc_year(value: Any) -> str | None:
     if m is not None:
         return str(int(m.group(1)))
     return s or None
+
+
+@_register("semicolon_list", 1)
+def semicolon_list(value: Any) -> list[str] | None:
+    """'a; b' -> ['a', 'b'] (trimmed, empties dropped); nothing when there is nothing."""
+    if value is None:
+        return None
+    items = [p.strip() for p in str(value).split(";") if p.strip()]
+    return items or None
+
+
+@_register("consent_directions", 1)
+def consent_directions(value: Any) -> list[str] | None:
+    """'school_to_trust;trust_to_school' -> the directions, each checked; refuses any other word."""
+    items = semicolon_list(value)
+    if items is None:
+        return None
+    allowed = ("school_to_trust", "trust_to_school")
+    if any(i not in allowed for i in items):
+        raise ValueError(f"not one of {', '.join(allowed)}")
+    return items

@@ -125,3 +125,18 @@ def test_a_file_that_is_not_csv_is_refused(tmp_path: Path) -> None:
     unterminated = HEADER + "\n" + GOOD + "\n" + 'r3,"' + "x" * 200_000  # a field past the csv size limit
     reg = read_register(write(tmp_path, unterminated), URN)
     assert reg.consents == [] and reg.refused is not None and "CSV" in reg.refused
+
+
+def test_a_flag_that_is_not_yes_or_no_holds_its_row_back(tmp_path: Path) -> None:
+    # child_protection and do_not_tell_parent decide who may see a record: never guessed as "no"
+    reg = read_register(write(tmp_path, HEADER, GOOD, row(child_protection="maybe")), URN)
+    assert [c.consent_id for c in reg.consents] == [f"school:{URN}:r1"]
+    assert [(w, f) for w, f, _ in reg.quarantined] == [("row#3", "child_protection")]
+    assert learner_key(UPN2) not in reg.flags
+
+
+def test_a_direction_that_is_not_one_is_quarantined_by_column(tmp_path: Path) -> None:
+    reg = read_register(write(tmp_path, HEADER, GOOD, row(directions="school_to_trust;everyone")), URN)
+    assert [(w, f) for w, f, _ in reg.quarantined] == [("row#3", "directions")]
+    assert "school_to_trust, trust_to_school" in reg.quarantined[0][2]
+    assert_no_values(reg.quarantined, "everyone", UPN2)
