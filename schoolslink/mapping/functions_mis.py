@@ -340,7 +340,7 @@ def semicolon_list(value: Any) -> list[str] | None:
 @_register("consent_directions", 1)
 def consent_directions(value: Any) -> list[str] | None:
     """'school_to_trust;trust_to_school' -> the directions, each checked; refuses any other word."""
-    items = semicolon_list(value)
+    items: list[str] | None = semicolon_list(value)
     if items is None:
         return None
     allowed = ("school_to_trust", "trust_to_school")
