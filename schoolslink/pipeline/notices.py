@@ -33,11 +33,11 @@ from schoolslink import ledger, outbox
 from schoolslink.constants import PURPOSE_SUPPORT as PURPOSE
 from schoolslink.endpoints import fhir_base
 from schoolslink.governance import register
-from schoolslink.governance.agreement import agreement_for, load_agreements
+from schoolslink.governance.agreement import Agreement, agreement_for, load_agreements
 from schoolslink.governance.consent import ConsentFacts, decide
 from schoolslink.governance.matching import is_sensitive, live_links
 from schoolslink.governance.routing import load_routing
-from schoolslink.mapping.engine import load_mappings
+from schoolslink.mapping.engine import CompiledMapping, load_mappings
 from schoolslink.model import Direction, Disclosure
 from schoolslink.pipeline.common import quarantine_rows, store
 from schoolslink.store.query import rows_by
@@ -86,14 +86,20 @@ def notices_due(conn: Connection, run_date: date, at: datetime) -> dict[str, lis
             if d.allowed or d.reason != "consent withdrawn" or d.consent_id is None:
                 continue
             withdrawn = _withdrawn_on(conn, d.consent_id) or run_date
-            resource = cm.run({"learner_key": key, "school_urn": lr["school_urn"], "trust_ods": trust,
-                               "patient_ref": lk["patient_ref"], "consent_id": d.consent_id,
-                               "withdrawn_on": withdrawn.isoformat(),
-                               "sent": at.isoformat()}, record_key=key)
-            due[trust].append({"resource": resource, "subject_key": key, "consent_id": d.consent_id,
-                               "agreement": (agreement.id, agreement.version), "mapping_version": cm.version,
-                               "problems": cm.problems(resource)})
+            due[trust].append(_notice(cm, key, d.consent_id, agreement, {
+                "learner_key": key, "school_urn": lr["school_urn"], "trust_ods": trust,
+                "patient_ref": lk["patient_ref"], "consent_id": d.consent_id, "withdrawn_on": withdrawn.isoformat(),
+                "sent": at.isoformat()}))
     return due
+
+
+def _notice(cm: CompiledMapping, subject_key: str, consent_id: str, agreement: Agreement,
+            record: dict[str, Any]) -> dict[str, Any]:
+    """One notice, mapped and checked, with what its ledger entry needs."""
+    resource = cm.run(record, record_key=subject_key)
+    return {"resource": resource, "subject_key": subject_key, "consent_id": consent_id,
+            "agreement": (agreement.id, agreement.version), "mapping_version": cm.version,
+            "problems": cm.problems(resource)}
 
 
 def send_withdrawal_notices(run_id: str, dag_id: str, run_date: date, at: datetime) -> dict[str, int]:
@@ -130,13 +136,10 @@ def move_notices_due(conn: Connection, run_date: date, at: datetime) -> dict[str
             d = decide(recs, ConsentFacts.of(lr), Direction.SCHOOL_TO_TRUST, PURPOSE, run_date)
             if not d.allowed or d.consent_id is None:
                 continue
-            resource = cm.run({"learner_key": e["learner_key"], "from_urn": e["from_urn"], "trust_ods": trust,
-                               "patient_ref": lk["patient_ref"], "event_id": str(e["id"]),
-                               "moved_on": e["at"].date().isoformat(), "area_trust": routing.trust_for_school(
-                                   e["to_urn"] or ""), "sent": at.isoformat()}, record_key=e["learner_key"])
-            due[trust].append({"resource": resource, "subject_key": e["learner_key"], "consent_id": d.consent_id,
-                               "agreement": (agreement.id, agreement.version), "mapping_version": cm.version,
-                               "problems": cm.problems(resource)})
+            due[trust].append(_notice(cm, e["learner_key"], d.consent_id, agreement, {
+                "learner_key": e["learner_key"], "from_urn": e["from_urn"], "trust_ods": trust,
+                "patient_ref": lk["patient_ref"], "event_id": str(e["id"]), "moved_on": e["at"].date().isoformat(),
+                "area_trust": routing.trust_for_school(e["to_urn"] or ""), "sent": at.isoformat()}))
     return due
 
 
