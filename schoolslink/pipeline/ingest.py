@@ -38,6 +38,10 @@ from schoolslink.store.upsert import upsert
 from schoolslink.validation import build_feature_frame, validate_learner_features
 
 CONTEXT_MAPPING = "school-context-observations"
+# What the govern stage never needs, so it does not go into the work store (minimisation; and memory at scale):
+# contacts and address lines are the largest parts of a learner.
+WORK_DROPPED = ("contacts", "address_lines", "ethnicity", "fsm_eligible", "enrol_status", "middle_names",
+                "exclusions_permanent")
 # What is kept in plain for a consented learner: what the feeds and the school-context items need, and no
 # more (no address, contacts, ethnicity, free school meals, NHS number or flags: minimisation).
 PLAIN_FIELDS = (
@@ -139,6 +143,8 @@ def parse_validate(run_id: str, chunk: dict[str, Any], run_date: date) -> dict[s
         if i in bad:
             continue
         d = lr.to_dict()
+        for f in WORK_DROPPED:  # not needed past this stage: never written to the work store
+            d.pop(f, None)
         d["export_date"] = labels[i][2]
         d["source_id"] = labels[i][3]
         d["source_format"] = labels[i][4]
@@ -230,6 +236,8 @@ def govern_map(run_id: str, part: dict[str, Any], run_date: date) -> dict[str, A
                 "plain": None, "updated_run": run_id,
             })
         upsert(conn, learners, roll, ["learner_key"])
+        for row in roll:  # stored; matching reads them from the store, so they need not stay in memory
+            del row["match_keys"]
         counts["learners"] = len(roll)
         now = datetime.now(UTC)
         events = _roll_events(roll, prior, rows, run_id, now)
