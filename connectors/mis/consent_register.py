@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from schoolslink.keys import learner_key
-from schoolslink.mapping import functions
-from schoolslink.mapping.engine import CompiledMapping, MappingError, UnmappedLookup, load_mappings, safe_reason
+from schoolslink.mapping.engine import CompiledMapping, MappingError, column_failures, load_mappings
 from schoolslink.model import Consent, ConsentDecision, ConsentGiver, Direction
 
 COLUMNS = (
@@ -63,26 +62,17 @@ _DECISIONS = ", ".join(v.value for v in ConsentDecision)
 
 
 def _diagnose(cm: CompiledMapping, tables: dict[str, Any], row: dict[str, Any]) -> _RowError:
-    """The first column the mapping could not map, and why (value-free): each column through its function,
-    code table and required check, as the column map compiles them."""
-    for c in cm.mapping.columns:
-        value: Any = row.get(c.name)
-        try:
-            if c.fn is not None:
-                value = functions.REGISTRY[c.fn].fn(value)
-            if c.table is not None:
-                value = tables[c.table].lookup(value)
-        except UnmappedLookup:
+    """The first column the mapping could not map, and why (value-free)."""
+    for f in column_failures(cm.mapping.columns, tables, row):
+        c = f.column
+        if f.kind == "unmapped":
             allowed = {"consent-giver": _GIVERS, "consent-decision": _DECISIONS}.get(c.table or "", "")
             return _RowError(c.name, f"{c.name} is not one of {allowed}" if allowed
                              else f"{c.name} is not a known code")
-        except (ValueError, TypeError) as exc:
-            why = safe_reason(exc).removeprefix(f"{type(exc).__name__}: ")
-            if c.fn == "date":
-                why = "not a date (YYYY-MM-DD)"
+        if f.kind == "invalid":
+            why = "not a date (YYYY-MM-DD)" if c.fn == "date" else f.why
             return _RowError(c.name, f"{c.name} is {why}" if why.startswith("not ") else f"{c.name}: {why}")
-        if c.required and (value is None or value == "" or value == []):
-            return _RowError(c.name, f"{c.name} is empty")
+        return _RowError(c.name, f"{c.name} is empty")
     return _RowError("row", "the row could not be read")
 
 

@@ -74,7 +74,6 @@ from connectors.mis.base import (
 from connectors.mis.errors import CsvRefused
 from schoolslink.errors import ConfigurationError
 from schoolslink.identifiers import is_valid_uln, is_valid_upn, normalise_upn
-from schoolslink.mapping import functions
 from schoolslink.mapping.engine import (
     LEARNER_REQUIRED_TARGETS,
     Column,
@@ -82,10 +81,9 @@ from schoolslink.mapping.engine import (
     Mapping,
     MappingError,
     MappingSet,
-    UnmappedLookup,
+    column_failures,
     heading_key,
     load_mappings,
-    safe_reason,
 )
 
 _HEAD: Final = 1 << 16  # the header row must fit in this
@@ -535,22 +533,15 @@ class _FileReader:
         function, code table and required check, as the column map compiles them."""
         plan = self.plan
         problems: list[tuple[str, str]] = []
-        for c in plan.mapping.columns:
-            value: Any = _value(row, c) if c.fallback else row.get(c.name)
-            try:
-                if c.fn is not None:
-                    value = functions.REGISTRY[c.fn].fn(value)
-                if c.table is not None:
-                    value = plan.tables[c.table].lookup(value)
-            except UnmappedLookup:
+        for f in column_failures(plan.mapping.columns, plan.tables, row,
+                                 lambda r, c: _value(r, c) if c.fallback else r.get(c.name)):
+            c = f.column
+            if f.kind == "unmapped":
                 problems.append((c.name, f"{c.name} is not a sex code this layout reads" if c.target == "sex" else
                                  f"{c.name} is not a code the {c.table} code table lists"))
-                continue
-            except (ValueError, TypeError, ArithmeticError) as exc:
-                why = safe_reason(exc).removeprefix(f"{type(exc).__name__}: ")
-                problems.append((c.name, f"{c.name}: {why}"))
-                continue
-            if c.required and (value is None or value == ""):
+            elif f.kind == "invalid":
+                problems.append((c.name, f"{c.name}: {f.why}"))
+            else:
                 problems.append((c.name, f"{c.name} is missing"))
         if not problems:  # not a column's own failure: the mapping's value-free reason
             try:

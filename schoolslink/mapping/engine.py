@@ -267,6 +267,40 @@ class CompiledMapping:
             raise MappingError(self.mapping.name, record_key, reason) from None
 
 
+@dataclass(frozen=True, slots=True)
+class ColumnFailure:
+    """Why one column of a column map could not map a row: `unmapped` (its code table does not list the code),
+    `invalid` (its function refused the value; `why` names the kind of failure, never the value) or `missing`
+    (a required column is empty)."""
+
+    column: Column
+    kind: str
+    why: str = ""
+
+
+def column_failures(columns: Iterable[Column], tables: dict[str, CodeTable], row: dict[str, Any],
+                    value_of: Callable[[dict[str, Any], Column], Any] | None = None) -> list[ColumnFailure]:
+    """Which columns could not map this row, and why: each column's value through its function, code table and
+    required check, as the column map compiles them (to say which column a MappingError came from)."""
+    out: list[ColumnFailure] = []
+    for c in columns:
+        value: Any = value_of(row, c) if value_of is not None else row.get(c.name)
+        try:
+            if c.fn is not None:
+                value = functions.REGISTRY[c.fn].fn(value)
+            if c.table is not None:
+                value = tables[c.table].lookup(value)
+        except _Unmapped:
+            out.append(ColumnFailure(c, "unmapped"))
+            continue
+        except (ValueError, TypeError, ArithmeticError) as exc:
+            out.append(ColumnFailure(c, "invalid", safe_reason(exc).removeprefix(f"{type(exc).__name__}: ")))
+            continue
+        if c.required and (value is None or value == "" or value == []):
+            out.append(ColumnFailure(c, "missing"))
+    return out
+
+
 def safe_reason(exc: Exception) -> str:
     """The kind of failure a mapping function or lookup raised, never the offending value."""
     return _safe_reason(exc)
