@@ -7,12 +7,20 @@ from datetime import date
 
 from sqlalchemy import Connection, Engine, insert
 
+from connectors.storage.landing import LandingZone
+from schoolslink.governance.agreement import landing_days_for, load_agreements
 from schoolslink.store.db import engine
 from schoolslink.store.schema import quarantine
 
 
 def store() -> Engine:
     return engine()
+
+
+def landing_zone() -> LandingZone:
+    """The landing zone, keeping each school's files as long as the agreements covering it say."""
+    agreements = load_agreements()
+    return LandingZone(retention=lambda urn: landing_days_for(agreements, urn))
 
 
 def age_on(dob: date, day: date) -> int:

@@ -27,7 +27,7 @@ from schoolslink.endpoints import fhir_base
 from schoolslink.governance import register, review
 from schoolslink.governance.agreement import Agreement, agreement_for, load_agreements
 from schoolslink.governance.consent import ConsentFacts, decide
-from schoolslink.governance.matching import SENSITIVE_FLAGS, is_sensitive, live_links
+from schoolslink.governance.matching import is_sensitive, live_links
 from schoolslink.governance.review import confirmed_for_case
 from schoolslink.model import Direction, Disclosure
 from schoolslink.pipeline import retraction
@@ -125,9 +125,8 @@ def _recheck(conn: Connection, rows: list[dict[str, Any]], agreements: list[Agre
     # A sensitive case goes only over a link a person confirmed knowing the case (match review confirm).
     confirmed = confirmed_for_case(conn, [(lr, lk) for key, lr in learner_rows.items() if is_sensitive(lr)
                                           for lk in live.get(key, [])])
-    links_now = {(key, lk["trust_ods"], lk["patient_ref"]) for key, lks in live.items() for lk in lks
-                 if not is_sensitive(learner_rows.get(key) or {f: False for f in SENSITIVE_FLAGS})
-                 or (key, lk["trust_ods"]) in confirmed}
+    links_now = {(key, lk["trust_ods"], lk["patient_ref"]) for key, lks in live.items() if key in learner_rows
+                 for lk in lks if not is_sensitive(learner_rows[key]) or (key, lk["trust_ods"]) in confirmed}
     records = register.load_for(conn, subjects + sorted({r["patient_key"] for r in rows}))
     keep = []
     for r in rows:

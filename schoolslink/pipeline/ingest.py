@@ -23,7 +23,7 @@ from connectors.storage.sealed import SealedFileError
 from schoolslink import workstore
 from schoolslink.constants import PURPOSE_SUPPORT as PURPOSE
 from schoolslink.governance import register
-from schoolslink.governance.agreement import Agreement, agreement_for, landing_days_for, load_agreements
+from schoolslink.governance.agreement import Agreement, agreement_for, load_agreements
 from schoolslink.governance.consent import ConsentFacts, allowed_items, decide
 from schoolslink.governance.matching import is_sensitive, live_links, match_pending
 from schoolslink.governance.review import confirmed_for_case
@@ -31,7 +31,7 @@ from schoolslink.keys import learner_identity, learner_key, learner_key_of, lear
 from schoolslink.mapping import school_context
 from schoolslink.mapping.engine import MappingError, load_mappings
 from schoolslink.model import Consent, Direction, Learner
-from schoolslink.pipeline.common import age_on, chunked, quarantine_rows, store
+from schoolslink.pipeline.common import age_on, chunked, landing_zone, quarantine_rows, store
 from schoolslink.store.query import chunks
 from schoolslink.store.schema import learner_events, learners, source_ids
 from schoolslink.store.upsert import upsert
@@ -59,8 +59,7 @@ def plan(run_id: str, max_chunks: int) -> list[dict[str, Any]]:
     """
     slug = workstore.run_slug(run_id)
     workstore.purge_pupil_files(keep_run=slug)
-    agreements = load_agreements()
-    zone = LandingZone(retention=lambda urn: landing_days_for(agreements, urn))
+    zone = landing_zone()
     zone.intake()
     zone.purge()
     urns = zone.schools("mis")

@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from sqlalchemy import select
 
 from connectors.mis.errors import MisInputError
 from connectors.storage.landing import LandingZone
 from schoolslink.errors import ConfigurationError
-from schoolslink.governance.agreement import landing_days_for, load_agreements
-from schoolslink.pipeline.common import quarantine_rows, store
+from schoolslink.pipeline.common import landing_zone, quarantine_rows, store
+from schoolslink.pipeline.sync import watermark
 from schoolslink.settings import home
 from schoolslink.store.schema import watermarks
 from schoolslink.store.upsert import upsert
@@ -72,8 +71,7 @@ def pull_sources(run_id: str, now: dt.datetime | None = None) -> dict[str, int]:
     counts = {"wonde_schools": 0, "wonde_pulls_landed": 0, "wonde_pulls_failed": 0}
     if cfg is None:
         return counts
-    agreements = load_agreements()
-    zone = LandingZone(retention=lambda urn: landing_days_for(agreements, urn))
+    zone = landing_zone()
     with WondeClient(cfg["base_url"], _token(cfg)) as client:
         _pull_each(client, zone, cfg, run_id, now, counts)
     return counts
@@ -85,8 +83,7 @@ def _pull_each(client: WondeClient, zone: LandingZone, cfg: dict[str, Any], run_
         counts["wonde_schools"] += 1
         source = f"wonde:{school_id}"
         with store().begin() as conn:
-            mark = conn.execute(select(watermarks.c.value).where(
-                watermarks.c.source == source, watermarks.c.resource_type == "students")).scalar()
+            mark = watermark(conn, source, "students")
         since = dt.datetime.fromisoformat(mark) if mark else None
         try:
             doc = client.pull(school_id, urn, since)

@@ -47,7 +47,8 @@ def trusts_to_pull() -> list[str]:
     return sorted({t.ods for a in load_agreements() for t in a.trusts})
 
 
-def _watermark(conn: Connection, source: str, rtype: str) -> str | None:
+def watermark(conn: Connection, source: str, rtype: str) -> str | None:
+    """Where the last pull of `rtype` from `source` got to (None: never pulled)."""
     v = conn.execute(
         select(watermarks.c.value).where(watermarks.c.source == source, watermarks.c.resource_type == rtype)
     ).scalar()
@@ -119,7 +120,7 @@ def _describe(exc: Exception) -> str:
 def _pull_type(eng: Engine, client: FhirClient, run_id: str, trust_ods: str, source: str, rtype: str,
                counts: dict[str, int]) -> None:
     with eng.connect() as conn:
-        since = _watermark(conn, source, rtype)
+        since = watermark(conn, source, rtype)
     newest = since
     for batch in _batches(client.search_since(rtype, since, page_size=1000), BATCH):
         ours = [r for r in batch if fin.is_ours(r)]
