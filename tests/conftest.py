@@ -14,6 +14,10 @@ try:
     from tests.integration.conftest_fhir import medplum  # noqa: F401  (session fixture: the real FHIR peer)
 except ImportError:  # pragma: no cover
     pass
+try:
+    from tests.integration.conftest_mesh import mesh, mesh_peer  # noqa: F401  (the real MESH peer, over mTLS)
+except ImportError:  # pragma: no cover
+    pass
 
 PG_ADMIN_URL = os.environ.get("SCHOOLSLINK_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 

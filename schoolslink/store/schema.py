@@ -285,3 +285,34 @@ source_ids = Table(
     Column("learner_key", String(40), nullable=False),
     Column("updated_run", String(250), nullable=False),
 )
+
+mesh_messages = Table(
+    "mesh_messages",
+    metadata,
+    # One MESH message we send (direction 'out') or took from our inbox ('in'): ids, hashes, sizes and times,
+    # never the body, the subject or anything about a pupil. An outgoing row is written before the send, with
+    # the body sealed in the MESH spool (schoolslink/pipeline/mesh_exchange.py), so a failed or interrupted
+    # send is retried by the next run and one with a message id is never sent again.
+    Column("local_id", String(36), primary_key=True),  # our uuid4, sent as Mex-LocalID: never pupil data
+    Column("direction", String(3), nullable=False),  # out | in
+    Column("mailbox", String(20), nullable=False),  # our mailbox
+    Column("peer_mailbox", String(20), nullable=False),  # the recipient (out) or the sender (in)
+    Column("workflow_id", String(100), nullable=False),
+    Column("content_sha256", String(64), nullable=False),
+    Column("byte_count", BigInteger, nullable=False),
+    # out: pending | sent | delivered | dead_letter;  in: received (landed) | acknowledged
+    Column("status", String(12), nullable=False),
+    Column("message_id", String(100)),  # MESH's id, once MESH gave one (unique per direction: see below)
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", String(500)),  # operation, mailbox and status only (connectors/mesh/errors.py)
+    Column("reason", String(500)),  # why a dead letter is one
+    Column("run_id", String(250)),  # the run that queued (out) or received (in) it
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("sent_at", DateTime(timezone=True)),
+    Column("delivered_at", DateTime(timezone=True)),  # out: MESH showed it acknowledged; in: we acknowledged it
+    Column("dead_at", DateTime(timezone=True)),
+    Index("ix_mesh_messages_direction_mailbox_status", "direction", "mailbox", "status"),
+    # One row per message each way: never two sends recorded under one id, never one arrival recorded twice.
+    # (Both ways can hold the same id when two of our mailboxes talk to each other.)
+    Index("uq_mesh_messages_direction_message_id", "direction", "message_id", unique=True),
+)
