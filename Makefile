@@ -7,6 +7,8 @@ UV := $(TOOLS)/bin/uv
 VENV := .venv
 BIN := $(VENV)/bin
 FHIR_PEER := peers/fhir-server
+OIDC_PEER := peers/oidc-provider
+MESH_PEER := peers/mesh-sandbox
 
 .PHONY: install demo test lint typecheck pytest bench clean
 
@@ -24,7 +26,17 @@ $(FHIR_PEER)/node_modules/.installed: $(FHIR_PEER)/package.json $(FHIR_PEER)/pac
 	cd $(FHIR_PEER) && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
-install: $(BIN)/schoolslink $(FHIR_PEER)/node_modules/.installed
+$(OIDC_PEER)/node_modules/.installed: $(OIDC_PEER)/package.json $(OIDC_PEER)/package-lock.json $(FHIR_PEER)/node_modules/.installed
+	cd $(OIDC_PEER) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+# mesh-sandbox pins a newer FastAPI than Airflow allows: it runs as a peer from its own locked environment.
+$(MESH_PEER)/.venv/.installed: $(UV) $(MESH_PEER)/pyproject.toml $(MESH_PEER)/uv.lock
+	$(UV) sync --frozen --project $(MESH_PEER) --python $(PY) --quiet
+	@touch $@
+
+install: $(BIN)/schoolslink $(FHIR_PEER)/node_modules/.installed $(OIDC_PEER)/node_modules/.installed \
+	$(MESH_PEER)/.venv/.installed
 
 demo: install
 	$(BIN)/schoolslink demo
@@ -43,6 +55,7 @@ test: lint typecheck pytest
 bench: install
 	$(BIN)/python -m benchmarks.mapping
 	$(BIN)/python -m benchmarks.ctf_stream
+	$(BIN)/python -m benchmarks.fhir_io
 	$(BIN)/python -m benchmarks.run
 
 clean:

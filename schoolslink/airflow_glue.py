@@ -22,10 +22,28 @@ def max_chunks() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
+def airflow_connection(conn_id: str) -> dict[str, Any] | None:
+    """An Airflow Connection as a plain dict (host, login, password, schema, port, extra), or None."""
+    from airflow.sdk import Connection
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        conn = Connection.get(conn_id)
+    except AirflowNotFoundException:
+        return None
+    return {"host": conn.host, "login": conn.login, "password": conn.password, "schema": conn.schema,
+            "port": conn.port, "extra": conn.extra_dejson}
+
+
 def run_facts() -> tuple[str, date, datetime]:
-    """(run id, the run's date in Europe/London, the time now) for the running task."""
+    """(run id, the run's date in Europe/London, the time now) for the running task.
+
+    Also points the core's endpoint lookups at Airflow's Connections (every task calls this first)."""
     from airflow.sdk import get_current_context
 
+    from schoolslink.endpoints import use_connection_lookup
+
+    use_connection_lookup(airflow_connection)
     ctx: Any = get_current_context()
     run_id = str(ctx["run_id"])
     when = ctx.get("logical_date") or ctx["dag_run"].run_after

@@ -150,6 +150,12 @@ def run(
         write_endpoints({trust: fhir_base})
         migrate()
         env = airflow_env(home)
+        # The DAGs find the trust's server the way a deployment does: an Airflow Connection (here in Airflow's
+        # environment form; in production the metadata database or a secrets backend).
+        from schoolslink.endpoints import connection_id
+
+        env.setdefault(f"AIRFLOW_CONN_{connection_id(trust).upper()}", json.dumps(
+            {"conn_type": "http", "host": fhir_base, "extra": {"bundle_size": 2000}}))
         ensure_metadata_db(env)
         env["SCHOOLSLINK_LOGICAL_DATE"] = datetime.combine(run_date, dtime(2, 0)).isoformat() + "+00:00"
         with (logs / "airflow.log").open("a") as af_log:

@@ -5,7 +5,14 @@
 * ``search_since``: every resource of a type with ``_lastUpdated`` at or after a watermark, in
   ``_lastUpdated`` order, following ``next`` links where the server gives them and otherwise paging
   by advancing the ``_lastUpdated`` watermark itself (Medplum's router gives no links).
-* ``read``, ``search`` (one page), ``history_count``, ``all_resources``.
+* ``put_batch(..., conditional=True)``: for servers that assign ids, ``PUT Type?identifier=system|value``
+  (conditional update: creates once, then updates the same resource); ~400x slower on Medplum's router.
+* ``transaction``: a small group of writes that must land together (refused above ``MAX_TRANSACTION``).
+* ``read``, ``search`` (one page, ``_include``/``_revinclude`` resources included), ``patients_by_nhs_number``,
+  ``history_count``, ``all_resources``.
+
+TLS certificates are always verified: ``verify`` is True (the system's CA store) or a CA bundle (path or
+``ssl.SSLContext``); there is no way to turn verification off.
 
 Transient failures (timeouts, connection errors, 408, 429, 5xx) are retried with exponential
 back-off and jitter, honouring ``Retry-After``; after the last attempt a
@@ -20,14 +27,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Final, TypeAlias
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -38,8 +47,9 @@ from connectors.fhir.errors import (
     FhirPermanentError,
     FhirTransientError,
 )
+from connectors.fhir.tls import tls_verify
 
-__all__ = ["EntryResult", "FhirClient", "JsonDict", "QueryParams"]
+__all__ = ["MAX_TRANSACTION", "EntryResult", "FhirClient", "JsonDict", "QueryParams", "tls_verify"]
 
 JsonDict: TypeAlias = dict[str, Any]
 QueryValue: TypeAlias = str | int | Sequence[str]
@@ -47,6 +57,8 @@ QueryParams: TypeAlias = Mapping[str, QueryValue]
 
 FHIR_JSON: Final = "application/fhir+json"
 MESSAGE_LIMIT: Final = 300
+MAX_TRANSACTION: Final = 20  # transactions are for small atomic groups; bigger ones are refused by servers
+NHS_NUMBER_SYSTEM: Final = "https://fhir.nhs.uk/Id/nhs-number"
 RETRY_AFTER_CAP_S: Final = 300.0
 _TRANSIENT_4XX: Final = frozenset({408, 429})
 
@@ -177,6 +189,14 @@ def _retry_after_seconds(response: httpx.Response) -> float | None:
     return min(max(0.0, (when - datetime.now(UTC)).total_seconds()), RETRY_AFTER_CAP_S)
 
 
+def _identifier_query(resource: JsonDict) -> str | None:
+    """``identifier=system|value`` from a resource's first identifier (URL-encoded), or None."""
+    for ident in resource.get("identifier") or []:
+        if isinstance(ident, dict) and isinstance(ident.get("system"), str) and isinstance(ident.get("value"), str):
+            return "identifier=" + quote(f"{ident['system']}|{ident['value']}", safe="")
+    return None
+
+
 def _last_updated(resource: JsonDict) -> str:
     meta = resource.get("meta")
     value = meta.get("lastUpdated") if isinstance(meta, dict) else None
@@ -216,7 +236,9 @@ class FhirClient:
         auth: httpx.Auth | None = None,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        verify: bool | str | os.PathLike[str] | ssl.SSLContext = True,
     ) -> None:
+        verify = tls_verify(verify)
         if bundle_size < 1:
             raise ValueError("bundle_size must be at least 1")
         if max_retries < 0:
@@ -231,12 +253,14 @@ class FhirClient:
         base_headers = {"Accept": FHIR_JSON, "User-Agent": "schoolslink-fhir-client"}
         base_headers.update(headers or {})
         self._origin = urlsplit(self.base_url)[:2]
+        self._auth = auth
         self._http = httpx.Client(
             base_url=self.base_url + "/",
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             headers=base_headers,
             auth=auth,
             transport=transport,
+            verify=verify,
             limits=httpx.Limits(max_keepalive_connections=4, keepalive_expiry=30.0),
             follow_redirects=False,
         )
@@ -245,6 +269,9 @@ class FhirClient:
 
     def close(self) -> None:
         self._http.close()
+        close_auth = getattr(self._auth, "close", None)  # an OAuth auth holds its own token client
+        if callable(close_auth):
+            close_auth()
 
     def __enter__(self) -> FhirClient:
         return self
@@ -313,8 +340,13 @@ class FhirClient:
 
     # -- writes ----------------------------------------------------------------------------
 
-    def put_batch(self, resources: Sequence[JsonDict]) -> list[EntryResult]:
+    def put_batch(self, resources: Sequence[JsonDict], *, conditional: bool = False) -> list[EntryResult]:
         """Write ``resources`` as ``batch`` Bundles of ``PUT Type/id``, ``bundle_size`` per Bundle.
+
+        ``conditional=True`` is for servers that assign their own ids: each entry is ``PUT
+        Type?identifier=system|value`` with the resource's first identifier (which must be ours and
+        unique), sent without its id; the server creates it once and updates the same resource after.
+        The result's ``id`` is still our id (the key the outbox keeps).
 
         Returns one :class:`EntryResult` per resource, in input order. A failed entry (4xx) is
         reported in its result and does not affect the others. A failure of a whole Bundle raises
@@ -328,29 +360,37 @@ class FhirClient:
             rtype, rid = resource.get("resourceType"), resource.get("id")
             if not isinstance(rtype, str) or not rtype or not isinstance(rid, str) or not rid:
                 raise ValueError(f"resources[{index}] needs a string resourceType and id for PUT Type/id")
+            if conditional and _identifier_query(resource) is None:
+                raise ValueError(f"resources[{index}] has no identifier with system and value for a conditional PUT")
         results: list[EntryResult] = []
         for start in range(0, len(resources), self.bundle_size):
             chunk = resources[start : start + self.bundle_size]
             try:
-                results.extend(self._put_bundle(chunk))
+                results.extend(self._put_bundle(chunk, conditional))
             except FhirError as exc:
                 exc.partial_results = list(results)
                 raise
         return results
 
-    def _put_bundle(self, chunk: Sequence[JsonDict]) -> list[EntryResult]:
-        what = f"batch PUT of {len(chunk)} resource(s)"
-        bundle = {
-            "resourceType": "Bundle",
-            "type": "batch",
-            "entry": [
+    def _put_bundle(self, chunk: Sequence[JsonDict], conditional: bool = False) -> list[EntryResult]:
+        what = f"batch {'conditional ' if conditional else ''}PUT of {len(chunk)} resource(s)"
+        if conditional:
+            entries = [
+                {
+                    "resource": {k: v for k, v in resource.items() if k != "id"},
+                    "request": {"method": "PUT", "url": f"{resource['resourceType']}?{_identifier_query(resource)}"},
+                }
+                for resource in chunk
+            ]
+        else:
+            entries = [
                 {
                     "resource": resource,
                     "request": {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"},
                 }
                 for resource in chunk
-            ],
-        }
+            ]
+        bundle = {"resourceType": "Bundle", "type": "batch", "entry": entries}
         payload = json.dumps(bundle, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         del bundle
         response = self._request(
@@ -361,14 +401,14 @@ class FhirClient:
             headers={"Content-Type": FHIR_JSON, "Prefer": "return=minimal"},
         )
         body = self._json(response, what)
-        entries = body.get("entry")
-        if body.get("resourceType") != "Bundle" or not isinstance(entries, list) or len(entries) != len(chunk):
-            got = len(entries) if isinstance(entries, list) else 0
+        replies = body.get("entry")
+        if body.get("resourceType") != "Bundle" or not isinstance(replies, list) or len(replies) != len(chunk):
+            got = len(replies) if isinstance(replies, list) else 0
             raise FhirPermanentError(
                 f"{what}: malformed batch-response ({got} entries for {len(chunk)} requests)",
                 status=response.status_code,
             )
-        return [self._entry_result(resource, entry) for resource, entry in zip(chunk, entries, strict=True)]
+        return [self._entry_result(resource, entry) for resource, entry in zip(chunk, replies, strict=True)]
 
     @staticmethod
     def _entry_result(resource: JsonDict, entry: object) -> EntryResult:
@@ -392,7 +432,49 @@ class FhirClient:
             message = _outcome_summary(outcome) or f"HTTP {status}"
         return EntryResult(rtype, rid, status, ok, version_id, message)
 
+    def transaction(self, resources: Sequence[JsonDict]) -> list[EntryResult]:
+        """``PUT Type/id`` of a few resources that must land together, as one ``transaction`` Bundle.
+
+        All or nothing: a refusal raises :class:`FhirPermanentError` with the server's
+        OperationOutcome summary. Refuses more than ``MAX_TRANSACTION`` resources before sending
+        (servers refuse big transactions; use :meth:`put_batch` for bulk).
+        """
+        if not resources:
+            return []
+        if len(resources) > MAX_TRANSACTION:
+            raise ValueError(f"a transaction is for small atomic groups: {len(resources)} resources "
+                             f"(at most {MAX_TRANSACTION}); use put_batch")
+        what = f"transaction of {len(resources)} resource(s)"
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+            for r in resources]}
+        payload = json.dumps(bundle, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        response = self._request("POST", "", what, content=payload,
+                                 headers={"Content-Type": FHIR_JSON, "Prefer": "return=minimal"})
+        body = self._json(response, what)
+        entries = body.get("entry")
+        if not isinstance(entries, list) or len(entries) != len(resources):
+            raise FhirPermanentError(f"{what}: malformed transaction-response", status=response.status_code)
+        results = [self._entry_result(r, e) for r, e in zip(resources, entries, strict=True)]
+        bad = [r for r in results if not r.ok]
+        if bad:
+            raise FhirPermanentError(f"{what}: refused ({bad[0].message})", status=bad[0].status)
+        return results
+
     # -- reads -----------------------------------------------------------------------------
+
+    def patients_by_nhs_number(self, nhs_number: str, params: QueryParams | None = None) -> list[JsonDict]:
+        """The trust's Patient(s) with this NHS number (read only: we never write a Patient).
+
+        ``params`` can add ``_revinclude`` (e.g. ``ServiceRequest:subject``) to fetch what refers to
+        the Patient in the same round trip. Refuses a value that is not ten digits before sending.
+        """
+        digits = nhs_number.replace(" ", "")
+        if len(digits) != 10 or not digits.isdigit():
+            raise ValueError("an NHS number is ten digits")
+        query: dict[str, QueryValue] = {"identifier": f"{NHS_NUMBER_SYSTEM}|{digits}"}
+        query.update(params or {})
+        return self.search("Patient", query)
 
     def read(self, resource_type: str, resource_id: str) -> JsonDict:
         """``GET Type/id``. Raises :class:`FhirNotFoundError` for 404/410."""

@@ -19,18 +19,16 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from connectors.fhir.client import FhirClient
-from connectors.fhir.errors import FhirError
 from schoolslink import ledger, outbox, workstore
 from schoolslink.constants import PURPOSE_SUPPORT as PURPOSE
-from schoolslink.endpoints import fhir_base
+from schoolslink.endpoints import fhir_endpoint
 from schoolslink.governance import register, review
 from schoolslink.governance.agreement import Agreement, agreement_for, load_agreements
 from schoolslink.governance.consent import ConsentFacts, decide
 from schoolslink.governance.matching import is_sensitive, live_links
 from schoolslink.governance.review import confirmed_for_case
 from schoolslink.model import Direction, Disclosure
-from schoolslink.pipeline import retraction
+from schoolslink.pipeline import fhir_write, retraction
 from schoolslink.pipeline.common import quarantine_rows, store
 from schoolslink.store.query import rows_by
 from schoolslink.store.schema import learners
@@ -49,7 +47,7 @@ def deliver_outbound(
     agreements = load_agreements()
     eng = store()
     for dest, rows in sorted(by_dest.items()):
-        base = fhir_base(dest)
+        endpoint = fhir_endpoint(dest)
         with eng.begin() as conn:
             rows = _recheck(conn, rows, agreements, run_date, counts)
             hashes = {f"Observation/{r['resource']['id']}": outbox.content_hash(r["resource"]) for r in rows}
@@ -58,7 +56,7 @@ def deliver_outbound(
         counts["unchanged_not_sent"] += len(rows) - len(todo)
         if not todo:
             continue
-        if base is None:
+        if endpoint is None:
             counts["no_endpoint"] += len(todo)
             with eng.begin() as conn:
                 quarantine_rows(conn, run_id, f"deliver:{dest}",
@@ -66,13 +64,9 @@ def deliver_outbound(
                                   "record(s) not sent; they are mapped and sent by the first run after the "
                                   "endpoint is configured")])
             continue
-        failure: FhirError | None = None
-        with FhirClient(base) as client:
-            try:
-                results = client.put_batch([r["resource"] for r in todo])
-            except FhirError as exc:  # the server failed part-way: record what landed, resend the rest later
-                failure = exc
-                results = list(exc.partial_results)
+        # The server failing part-way is not an exception: what landed is recorded, the rest is sent next run.
+        outcome = fhir_write.write(endpoint, [r["resource"] for r in todo], run_id)
+        results = outcome.results
         sent, disclosures, failed = [], [], []
         for r, res in zip(todo, results, strict=False):
             ref = f"{res.resource_type}/{res.id}"
@@ -91,10 +85,9 @@ def deliver_outbound(
                 counts["retractions_due_raced"] += outbox.mark_for_retraction(conn, f"fhir:{dest}", key, decision)
             quarantine_rows(conn, run_id, f"deliver:{dest}",
                             [(subj, None, f"refused by the trust's server: {err}") for _, subj, _, _, err in failed])
-            if failure is not None:
-                quarantine_rows(conn, run_id, f"deliver:{dest}", [(None, None, (
-                    f"the trust's server failed part-way ({type(failure).__name__}): {len(unsent)} record(s) "
-                    "not sent this run; the next run sends them"))])
+            why = outcome.failure_reason(len(todo))
+            if why is not None:
+                quarantine_rows(conn, run_id, f"deliver:{dest}", [(None, None, why)])
         counts["sent"] += len(sent)
         counts["refused_by_server"] += len(failed)
         counts["not_sent_server_failed"] += len(unsent)

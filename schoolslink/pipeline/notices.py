@@ -27,11 +27,9 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
-from connectors.fhir.client import FhirClient
-from connectors.fhir.errors import FhirError
 from schoolslink import ledger, outbox
 from schoolslink.constants import PURPOSE_SUPPORT as PURPOSE
-from schoolslink.endpoints import fhir_base
+from schoolslink.endpoints import fhir_endpoint
 from schoolslink.governance import register
 from schoolslink.governance.agreement import Agreement, agreement_for, load_agreements
 from schoolslink.governance.consent import ConsentFacts, decide
@@ -39,6 +37,7 @@ from schoolslink.governance.matching import is_sensitive, live_links
 from schoolslink.governance.routing import load_routing
 from schoolslink.mapping.engine import CompiledMapping, load_mappings
 from schoolslink.model import Direction, Disclosure
+from schoolslink.pipeline import fhir_write
 from schoolslink.pipeline.common import quarantine_rows, store
 from schoolslink.store.query import rows_by
 from schoolslink.store.schema import consents, learner_events, learners
@@ -164,22 +163,19 @@ def _send(run_id: str, dag_id: str, at: datetime, due: dict[str, list[dict[str, 
             quarantine_rows(conn, run_id, f"mapping:{mapping}", [(n["subject_key"], None, "; ".join(n["problems"]))
                                                                  for n in bad])
         todo = [n for ref, n in refs.items() if ref not in have and not n["problems"]]
-        base = fhir_base(trust)
         if not todo:
             continue
-        if base is None:
+        endpoint = fhir_endpoint(trust)
+        if endpoint is None:
             counts[f"{what}_waiting_for_endpoint"] += len(todo)
             continue
-        try:
-            with FhirClient(base) as client:
-                results = client.put_batch([n["resource"] for n in todo])
-        except FhirError as exc:
-            results = list(exc.partial_results)
-        sent, disclosures = [], []
-        for n, res in zip(todo, results, strict=False):
+        outcome = fhir_write.write(endpoint, [n["resource"] for n in todo], run_id)
+        sent, disclosures, refused = [], [], []
+        for n, res in zip(todo, outcome.results, strict=False):
             h = outbox.content_hash(n["resource"])
             if not res.ok:
                 counts[f"{what}_refused"] += 1
+                refused.append((n["subject_key"], None, f"{what} refused by the trust's server: {res.message}"))
                 continue
             sent.append((f"Communication/{n['resource']['id']}", n["subject_key"], h, outbox.SENT, None))
             disclosures.append(Disclosure(
@@ -190,6 +186,10 @@ def _send(run_id: str, dag_id: str, at: datetime, due: dict[str, list[dict[str, 
         with eng.begin() as conn:
             outbox.record(conn, f"fhir:{trust}", sent, run_id)
             ledger.append(conn, disclosures, at)
+            quarantine_rows(conn, run_id, f"notice:{trust}", refused)
+            why = outcome.failure_reason(len(todo), f"{what}(s)")
+            if why is not None:
+                quarantine_rows(conn, run_id, f"notice:{trust}", [(None, None, why)])
         counts[f"{what}_sent"] += len(sent)
         counts[f"{what}_not_sent"] += len(todo) - len(sent)
     return dict(counts)

@@ -24,11 +24,11 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, select
 
-from connectors.fhir.client import EntryResult, FhirClient
+from connectors.fhir.client import EntryResult
 from connectors.fhir.errors import FhirError, FhirNotFoundError
 from schoolslink import ledger, outbox
 from schoolslink.constants import OUR_META_SOURCE
-from schoolslink.endpoints import fhir_base
+from schoolslink.endpoints import FhirEndpoint, fhir_endpoint
 from schoolslink.governance.review import retraction_reason
 from schoolslink.mapping import ukcore
 from schoolslink.model import Direction, Disclosure
@@ -61,27 +61,27 @@ def send_due(run_id: str, dag_id: str, at: datetime, trusts: list[str] | None = 
     counts: dict[str, int] = defaultdict(int)
     for dest, rows in sorted(due.items()):
         trust = dest.removeprefix("fhir:")
-        base = fhir_base(trust)
-        if base is None:
+        endpoint = fhir_endpoint(trust)
+        if endpoint is None:
             counts["retractions_no_endpoint"] += len(rows)
             with eng.begin() as conn:
                 quarantine_rows(conn, run_id, f"retract:{trust}", [(None, None, (
                     f"no FHIR endpoint configured for trust {trust}: {len(rows)} retraction(s) wait for the first "
                     "run after the endpoint is configured"))])
             continue
-        _send_to(eng, base, dest, trust, rows, run_id, dag_id, at, counts)
+        _send_to(eng, endpoint, dest, trust, rows, run_id, dag_id, at, counts)
     return dict(counts)
 
 
-def _send_to(eng: Engine, base: str, dest: str, trust: str, rows: list[dict[str, Any]], run_id: str, dag_id: str,
-             at: datetime, counts: dict[str, int]) -> None:
+def _send_to(eng: Engine, endpoint: FhirEndpoint, dest: str, trust: str, rows: list[dict[str, Any]], run_id: str,
+             dag_id: str, at: datetime, counts: dict[str, int]) -> None:
     todo: list[tuple[dict[str, Any], dict[str, Any]]] = []
     already: list[tuple[dict[str, Any], dict[str, Any]]] = []
     gone: list[dict[str, Any]] = []
     refused: list[tuple[dict[str, Any], str]] = []
     failure: FhirError | None = None
     results: list[EntryResult] = []
-    with FhirClient(base) as client:
+    with endpoint.client() as client:
         try:
             for row in rows:
                 rtype, _, rid = row["resource_ref"].partition("/")
@@ -101,7 +101,7 @@ def _send_to(eng: Engine, base: str, dest: str, trust: str, rows: list[dict[str,
                     continue
                 (already if current.get("status") == ENTERED_IN_ERROR else todo).append((row, res))
             if todo:
-                results = client.put_batch([res for _, res in todo])
+                results = client.put_batch([res for _, res in todo], conditional=endpoint.conditional_writes)
         except FhirError as exc:  # the server failed part-way: what landed is recorded, the rest stays due
             failure = exc
             results = list(exc.partial_results)

@@ -10,15 +10,15 @@ advances only after a type's rows are stored. Matching then runs, with a PDS tra
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import Connection, Engine, select
 
 from connectors.fhir.client import FhirClient
 from connectors.fhir.errors import FhirError, FhirTransientError
+from connectors.fhir.pull import IncrementalPull, PullState, state_columns
 from connectors.pds.client import PdsFhirClient
-from schoolslink.endpoints import fhir_base
+from schoolslink.endpoints import FhirEndpoint, fhir_endpoint
 from schoolslink.errors import SchoolslinkError, TransientError
 from schoolslink.governance import register
 from schoolslink.governance.agreement import load_agreements
@@ -47,23 +47,18 @@ def trusts_to_pull() -> list[str]:
     return sorted({t.ods for a in load_agreements() for t in a.trusts})
 
 
+def pull_state(conn: Connection, source: str, rtype: str) -> PullState:
+    """Where the last pull of `rtype` from `source` got to (empty: never pulled)."""
+    row = conn.execute(select(watermarks.c.value, watermarks.c.seen).where(
+        watermarks.c.source == source, watermarks.c.resource_type == rtype)).first()
+    if row is None:
+        return PullState()
+    return PullState.of(row.value or None, row.seen)
+
+
 def watermark(conn: Connection, source: str, rtype: str) -> str | None:
-    """Where the last pull of `rtype` from `source` got to (None: never pulled)."""
-    v = conn.execute(
-        select(watermarks.c.value).where(watermarks.c.source == source, watermarks.c.resource_type == rtype)
-    ).scalar()
-    return str(v) if v is not None else None
-
-
-def _batches(it: Iterator[dict[str, Any]], n: int) -> Iterator[list[dict[str, Any]]]:
-    buf: list[dict[str, Any]] = []
-    for x in it:
-        buf.append(x)
-        if len(buf) >= n:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
+    """The greatest `meta.lastUpdated` the last pull of `rtype` from `source` processed (None: never pulled)."""
+    return pull_state(conn, source, rtype).watermark
 
 
 def pull_trust(run_id: str, trust_ods: str) -> dict[str, Any]:
@@ -73,17 +68,17 @@ def pull_trust(run_id: str, trust_ods: str) -> dict[str, Any]:
     type failed, that is quarantined too and, once every other type is pulled, raised (names only: no
     values), so the task fails and is retried.
     """
-    base = fhir_base(trust_ods)
+    endpoint = fhir_endpoint(trust_ods)
     counts: dict[str, int] = defaultdict(int)
     eng = store()
-    if base is None:
+    if endpoint is None:
         with eng.begin() as conn:
             quarantine_rows(conn, run_id, f"pull:{trust_ods}", [(None, None, f"no FHIR endpoint configured "
                                                                   f"for trust {trust_ods}: nothing pulled")])
         return {"trusts_without_endpoint": 1}
     source = f"fhir:{trust_ods}"
     failed: list[tuple[str, Exception]] = []
-    with FhirClient(base) as client:
+    with endpoint.client() as client:
         for rtype in TYPES:
             if rtype == "Consent" and any(t == "Patient" for t, _ in failed):
                 # A Consent is stored against its Patient's key: without this run's Patients, new ones would
@@ -91,7 +86,7 @@ def pull_trust(run_id: str, trust_ods: str) -> dict[str, Any]:
                 failed.append((rtype, SchoolslinkError("not pulled because the Patient pull failed")))
                 continue
             try:
-                _pull_type(eng, client, run_id, trust_ods, source, rtype, counts)
+                _pull_type(eng, client, run_id, trust_ods, source, rtype, counts, endpoint)
             except Exception as exc:  # noqa: BLE001 - one type's failure must not stop the others
                 failed.append((rtype, exc))
                 counts["pulled_types_failed"] += 1
@@ -118,23 +113,20 @@ def _describe(exc: Exception) -> str:
 
 
 def _pull_type(eng: Engine, client: FhirClient, run_id: str, trust_ods: str, source: str, rtype: str,
-               counts: dict[str, int]) -> None:
+               counts: dict[str, int], endpoint: FhirEndpoint) -> None:
     with eng.connect() as conn:
-        since = watermark(conn, source, rtype)
-    newest = since
-    for batch in _batches(client.search_since(rtype, since, page_size=1000), BATCH):
-        ours = [r for r in batch if fin.is_ours(r)]
-        theirs = [r for r in batch if not fin.is_ours(r)]
-        counts["pulled_own_writes_skipped"] += len(ours)
+        state = pull_state(conn, source, rtype)
+    pull = IncrementalPull(client, rtype, state, overlap=endpoint.overlap, page_size=endpoint.page_size,
+                           is_own=fin.is_ours)
+    for batch in pull.batches(BATCH):
         with eng.begin() as conn:
-            _store(conn, run_id, trust_ods, rtype, theirs, counts)
-        for r in batch:
-            lu = (r.get("meta") or {}).get("lastUpdated")
-            if lu and (newest is None or lu > newest):
-                newest = lu
-    if newest and newest != since:
+            _store(conn, run_id, trust_ods, rtype, batch, counts)
+    counts["pulled_own_writes_skipped"] += pull.stats.own_skipped
+    counts["pulled_overlap_already_seen"] += pull.stats.already_seen
+    after = pull.next_state()
+    if after != state:
         with eng.begin() as conn:
-            upsert(conn, watermarks, [{"source": source, "resource_type": rtype, "value": newest}],
+            upsert(conn, watermarks, [{"source": source, "resource_type": rtype, **state_columns(after)}],
                    ["source", "resource_type"])
 
 

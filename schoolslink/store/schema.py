@@ -199,6 +199,8 @@ watermarks = Table(
     Column("source", String(100), primary_key=True),
     Column("resource_type", String(50), primary_key=True),
     Column("value", String(64), nullable=False),
+    # versions read inside the pull's overlap window ("id|versionId" -> lastUpdated): read again, they are skipped
+    Column("seen", JSON(none_as_null=True), nullable=True),
 )
 
 outbox = Table(

@@ -477,7 +477,9 @@ def test_unlink_now_without_a_reachable_server_stays_due(store: Engine, capsys: 
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     from schoolslink import outbox as ob
 
-    monkeypatch.setenv(f"SCHOOLSLINK_FHIR_BASE_{TRUST}", "http://127.0.0.1:9/fhir/R4")  # nothing listens there
+    # Nothing listens there; the trust's connection says not to wait long or retry.
+    monkeypatch.setenv(f"AIRFLOW_CONN_SCHOOLSLINK_FHIR_{TRUST.upper()}", json.dumps(
+        {"host": "http://127.0.0.1:9/fhir/R4", "extra": {"timeout": 2, "max_retries": 0}}))
     key = "lrn-offline"
     _seed_state(store, [_learner(key)], [_patient("Patient/off")], [],
                 [{"learner_key": key, "trust_ods": TRUST, "patient_key": "pat-off", "patient_ref": "Patient/off",
@@ -485,9 +487,6 @@ def test_unlink_now_without_a_reachable_server_stays_due(store: Engine, capsys: 
                   "withdrawn": False, "linked_run": "seed"}])
     with store.begin() as conn:
         ob.record(conn, f"fhir:{TRUST}", [("Observation/sl-off", key, "b" * 64, "sent", None)], "mis-1")
-    from schoolslink.pipeline import retraction
-
-    monkeypatch.setattr(retraction, "FhirClient", lambda base: FhirClient(base, timeout=2, max_retries=0))
     code, doc = cli_json(capsys, "match", "review", "unlink", key, TRUST, "--by", "Jo Engineer",
                          "--reason", "wrong child", "--now")
     assert code == 1 and doc["ok"] is False and doc["sent_now"]["retractions_still_due"] == 1
