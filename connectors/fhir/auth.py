@@ -52,7 +52,7 @@ from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequen
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, Final, Self, TypeAlias
+from typing import Any, Final, Self, TypeAlias, TypedDict, Unpack
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -60,7 +60,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from connectors.fhir.errors import FhirPermanentError, FhirTransientError
+from connectors.fhir.errors import FhirError, FhirPermanentError, FhirTransientError
 from connectors.fhir.tls import tls_verify as _ssl_verify
 
 __all__ = [
@@ -112,7 +112,23 @@ log = logging.getLogger(__name__)
 # -- errors -------------------------------------------------------------------------------------
 
 
-class FhirAuthError(FhirPermanentError):
+class _OAuthErrorFields(FhirError):
+    """``error`` and ``error_description``: the OAuth error fields when the server gave them."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        error: str | None = None,
+        error_description: str | None = None,
+    ) -> None:
+        super().__init__(message, status=status)
+        self.error = error
+        self.error_description = error_description
+
+
+class FhirAuthError(_OAuthErrorFields, FhirPermanentError):
     """The token endpoint refused us (``invalid_client``, ``unauthorized_client``, ``invalid_scope``
     ...) or answered with something that is not a usable token. Retrying will not help until the
     configuration (or the trust's registration of our client) changes.
@@ -120,34 +136,10 @@ class FhirAuthError(FhirPermanentError):
     ``error`` and ``error_description`` are the OAuth error fields when the server gave them.
     """
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None = None,
-        error: str | None = None,
-        error_description: str | None = None,
-    ) -> None:
-        super().__init__(message, status=status)
-        self.error = error
-        self.error_description = error_description
 
-
-class FhirAuthUnavailableError(FhirTransientError):
+class FhirAuthUnavailableError(_OAuthErrorFields, FhirTransientError):
     """The token endpoint could not be reached, or kept answering 429/5xx after our retries: the
     task may be retried later."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None = None,
-        error: str | None = None,
-        error_description: str | None = None,
-    ) -> None:
-        super().__init__(message, status=status)
-        self.error = error
-        self.error_description = error_description
 
 
 # -- checks shared by both auth kinds -----------------------------------------------------------
@@ -212,6 +204,18 @@ class _Token:
 
 
 # -- the shared machinery -----------------------------------------------------------------------
+
+
+class _TokenOptions(TypedDict, total=False):
+    """The keyword options both auth kinds take (defaults: :class:`_OAuth2ClientCredentialsBase`)."""
+
+    verify: VerifyArg
+    timeout: float
+    max_retries: int
+    backoff_base: float
+    backoff_max: float
+    clock: Callable[[], float]
+    sleep: Callable[[float], None]
 
 
 class _OAuth2ClientCredentialsBase(httpx.Auth):
@@ -502,6 +506,8 @@ class ClientCredentialsAuth(_OAuth2ClientCredentialsBase):
 
     The id and secret are form-urlencoded before base64, as RFC 6749 2.3.1 says (it matters for
     secrets with ``:``, ``%`` or non-ASCII characters, which httpx's BasicAuth would send raw).
+    Keyword options (``verify``, ``timeout``, ``max_retries``, ``backoff_base``, ``backoff_max``,
+    ``clock``, ``sleep``) are the same for both auth kinds.
     """
 
     def __init__(
@@ -510,29 +516,11 @@ class ClientCredentialsAuth(_OAuth2ClientCredentialsBase):
         client_id: str,
         client_secret: str,
         scope: str | Sequence[str] | None = None,
-        *,
-        verify: VerifyArg = True,
-        timeout: float = 30.0,
-        max_retries: int = 3,
-        backoff_base: float = 0.5,
-        backoff_max: float = 10.0,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        **options: Unpack[_TokenOptions],
     ) -> None:
         if not isinstance(client_secret, str) or not client_secret:
             raise ValueError("client_secret must be a non-empty string")
-        super().__init__(
-            token_url,
-            client_id,
-            scope,
-            verify=verify,
-            timeout=timeout,
-            max_retries=max_retries,
-            backoff_base=backoff_base,
-            backoff_max=backoff_max,
-            clock=clock,
-            sleep=sleep,
-        )
+        super().__init__(token_url, client_id, scope, **options)
         self._secret = client_secret
 
     def _client_auth(self) -> tuple[dict[str, str], dict[str, str], tuple[str, ...]]:
@@ -630,7 +618,8 @@ class PrivateKeyJwtAuth(_OAuth2ClientCredentialsBase):
     Each token request gets a new assertion (a fresh ``jti``: servers refuse a replayed one):
     header ``{"alg", "typ": "JWT", "kid"}``; claims ``iss`` = ``sub`` = ``client_id``, ``aud`` =
     ``audience`` or else ``token_url``, ``jti`` (random), ``iat`` (now), ``exp`` (now + 270 s).
-    ``wall_clock`` (epoch seconds) is injectable for tests; the cache uses ``clock``.
+    ``wall_clock`` (epoch seconds) is injectable for tests; the cache uses ``clock``. Other keyword
+    options as for :class:`ClientCredentialsAuth`.
     """
 
     def __init__(
@@ -642,33 +631,16 @@ class PrivateKeyJwtAuth(_OAuth2ClientCredentialsBase):
         alg: str = "RS512",
         scope: str | Sequence[str] | None = None,
         *,
-        verify: VerifyArg = True,
-        timeout: float = 30.0,
         audience: str | None = None,
-        max_retries: int = 3,
-        backoff_base: float = 0.5,
-        backoff_max: float = 10.0,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
         wall_clock: Callable[[], float] = time.time,
+        **options: Unpack[_TokenOptions],
     ) -> None:
         if not isinstance(kid, str) or not kid.strip():
             raise ValueError("kid must be a non-empty string (the key id registered with the trust)")
         if audience is not None and not audience.strip():
             raise ValueError("audience must be a non-empty string when given")
         self._key = _load_signing_key(private_key_pem, alg)  # before super(): no client to leak on failure
-        super().__init__(
-            token_url,
-            client_id,
-            scope,
-            verify=verify,
-            timeout=timeout,
-            max_retries=max_retries,
-            backoff_base=backoff_base,
-            backoff_max=backoff_max,
-            clock=clock,
-            sleep=sleep,
-        )
+        super().__init__(token_url, client_id, scope, **options)
         self.kid = kid.strip()
         self.alg = alg
         self.audience = audience.strip() if audience is not None else self.token_url

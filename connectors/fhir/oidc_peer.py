@@ -22,22 +22,16 @@ written 0600 to a private temp folder and deleted on stop.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
-import queue
-import shutil
-import subprocess
 import tempfile
-import threading
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Final, NoReturn
+from typing import Any, Final
 
 import httpx
+
+from connectors.peer_process import PeerProcess, ensure_npm_installed, node_executable
 
 __all__ = ["OIDC_PEER_DIR", "OIDC_SERVER_SCRIPT", "OidcPeerError", "OidcProviderPeer", "ensure_oidc_npm_packages"]
 
@@ -46,26 +40,10 @@ OIDC_PEER_DIR: Final = REPO_ROOT / "peers" / "oidc-provider"
 OIDC_SERVER_SCRIPT: Final = OIDC_PEER_DIR / "server.mjs"
 DEFAULT_RESOURCE: Final = "urn:schoolslink:fhir"
 DEFAULT_RESOURCE_SCOPE: Final = "system/*.read system/*.write"
-_READY_PREFIX: Final = "LISTENING "
 
 
 class OidcPeerError(RuntimeError):
     """The OAuth peer could not be installed or started."""
-
-
-def _node_executable() -> str:
-    node = os.environ.get("SCHOOLSLINK_NODE") or shutil.which("node")
-    if not node:
-        raise OidcPeerError("node not found on PATH (Node 20.18+ is needed for the OAuth peer)")
-    return node
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "<no log>"
-    return "\n".join(text.splitlines()[-lines:]) or "<empty>"
 
 
 def ensure_oidc_npm_packages(peer_dir: Path = OIDC_PEER_DIR, timeout: float = 600.0) -> None:
@@ -73,37 +51,16 @@ def ensure_oidc_npm_packages(peer_dir: Path = OIDC_PEER_DIR, timeout: float = 60
 
     Serialised with a lock file so parallel test workers do not install over each other.
     """
-    marker = peer_dir / "node_modules" / "oidc-provider" / "package.json"
-    if marker.exists():
-        return
-    npm = shutil.which("npm")
-    if not npm:
-        raise OidcPeerError(f"{peer_dir / 'node_modules'} is missing and npm is not on PATH")
-    lock_path = Path(tempfile.gettempdir()) / "schoolslink-oidc-provider-npm.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if marker.exists():  # another process installed while we waited
-                return
-            try:
-                done = subprocess.run(
-                    [npm, "ci", "--no-audit", "--no-fund"],
-                    cwd=peer_dir,
-                    capture_output=True,
-                    text=True,
-                    timeout=timeout,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired as exc:
-                raise OidcPeerError(f"npm ci in {peer_dir} timed out after {timeout:.0f}s") from exc
-            if done.returncode != 0:
-                tail = "\n".join((done.stdout + done.stderr).splitlines()[-30:])
-                raise OidcPeerError(f"npm ci in {peer_dir} failed ({done.returncode}):\n{tail}")
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    ensure_npm_installed(
+        peer_dir,
+        peer_dir / "node_modules" / "oidc-provider" / "package.json",
+        "schoolslink-oidc-provider-npm.lock",
+        timeout,
+        OidcPeerError,
+    )
 
 
-class OidcProviderPeer:
+class OidcProviderPeer(PeerProcess):
     """The Node OAuth 2.0 peer as a context manager.
 
     ``clients``: client metadata dicts, registered at start (the provider has no dynamic
@@ -112,6 +69,12 @@ class OidcProviderPeer:
     new temp file, kept after stop for post-mortems); it never holds request parameters.
     ``install`` runs :func:`ensure_oidc_npm_packages` first.
     """
+
+    error = OidcPeerError
+    name = "OAuth peer"
+    script = OIDC_SERVER_SCRIPT
+    cwd = OIDC_PEER_DIR
+    log_prefix = "schoolslink-oidc-provider-"
 
     def __init__(
         self,
@@ -131,30 +94,13 @@ class OidcProviderPeer:
             raise ValueError("token_ttl must be at least 1 second")
         self.clients = [dict(c) for c in clients]
         self.token_ttl = token_ttl
-        self.requested_port = port
         self.resource = resource
         self.resource_scope = resource_scope
         self.max_assertion_lifetime = max_assertion_lifetime
-        if log_path is None:
-            fd, name = tempfile.mkstemp(prefix="schoolslink-oidc-provider-", suffix=".log")
-            os.close(fd)
-            log_path = name
-        self.log_path = Path(log_path)
-        self.startup_timeout = startup_timeout
-        self.install = install
-        self._extra_env = dict(env or {})
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-        self._port: int | None = None
+        super().__init__(port=port, log_path=log_path, startup_timeout=startup_timeout, install=install, env=env)
         self._clients_dir: tempfile.TemporaryDirectory[str] | None = None
 
     # -- properties -----------------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise OidcPeerError("the OAuth peer is not running")
-        return self._port
 
     @property
     def issuer(self) -> str:
@@ -176,16 +122,6 @@ class OidcProviderPeer:
     @property
     def discovery_url(self) -> str:
         return f"{self.issuer}/.well-known/openid-configuration"
-
-    @property
-    def pid(self) -> int:
-        if self._proc is None:
-            raise OidcPeerError("the OAuth peer is not running")
-        return self._proc.pid
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     # -- calls to the provider's own endpoints (for tests and stand-in resource servers) ---
 
@@ -217,115 +153,41 @@ class OidcProviderPeer:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def start(self) -> OidcProviderPeer:
-        if self._proc is not None:
-            raise OidcPeerError("the OAuth peer is already started")
+    def _clients_file(self) -> Path:
+        assert self._clients_dir is not None  # made by _prepare()
+        return Path(self._clients_dir.name) / "clients.json"
+
+    def _prepare(self) -> Mapping[str, str]:
         if self.install:
             ensure_oidc_npm_packages()
         self._clients_dir = tempfile.TemporaryDirectory(prefix="schoolslink-oidc-clients-")
-        clients_file = Path(self._clients_dir.name) / "clients.json"
-        fd = os.open(clients_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(self._clients_file(), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(self.clients, fh)
-        env = dict(os.environ)
-        env.update(self._extra_env)
-        env.update(
-            {
-                "OIDC_TOKEN_TTL": str(self.token_ttl),
-                "OIDC_RESOURCE": self.resource,
-                "OIDC_RESOURCE_SCOPE": self.resource_scope,
-                "OIDC_MAX_ASSERTION_LIFETIME": str(self.max_assertion_lifetime),
-            }
-        )
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")  # closed in stop()
-        self._proc = subprocess.Popen(
-            [
-                _node_executable(),
-                str(OIDC_SERVER_SCRIPT),
-                str(self.requested_port),
-                "--exit-on-stdin-close",
-                "--clients",
-                str(clients_file),
-            ],
-            cwd=OIDC_PEER_DIR,
-            env=env,
-            stdin=subprocess.PIPE,  # the server exits when this pipe closes (i.e. when we die)
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-        )
-        lines: queue.Queue[str | None] = queue.Queue()
-        assert self._proc.stdout is not None
-        threading.Thread(
-            target=self._pump_stdout, args=(self._proc.stdout, lines), name="oidc-peer-stdout", daemon=True
-        ).start()
+        return {
+            "OIDC_TOKEN_TTL": str(self.token_ttl),
+            "OIDC_RESOURCE": self.resource,
+            "OIDC_RESOURCE_SCOPE": self.resource_scope,
+            "OIDC_MAX_ASSERTION_LIFETIME": str(self.max_assertion_lifetime),
+        }
 
-        deadline = time.monotonic() + self.startup_timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._fail(f"did not report LISTENING within {self.startup_timeout:.0f}s")
-            try:
-                line = lines.get(timeout=min(remaining, 0.5))
-            except queue.Empty:
-                if self._proc.poll() is not None:
-                    self._fail(f"exited with status {self._proc.returncode} during start-up")
-                continue
-            if line is None:
-                self._proc.wait(timeout=5)
-                self._fail(f"exited with status {self._proc.returncode} during start-up")
-            if line.startswith(_READY_PREFIX):
-                self._port = int(line[len(_READY_PREFIX) :].strip())
-                return self
-
-    @staticmethod
-    def _pump_stdout(stream: IO[bytes], lines: queue.Queue[str | None]) -> None:
-        # Keeps draining after start-up so the server can never block on a full pipe.
-        for raw in stream:
-            lines.put(raw.decode("utf-8", errors="replace"))
-        lines.put(None)
-
-    def _fail(self, why: str) -> NoReturn:
-        self.stop()
-        script = OIDC_SERVER_SCRIPT.relative_to(REPO_ROOT)
-        raise OidcPeerError(f"OAuth peer ({script}) {why}; log {self.log_path}:\n{_tail(self.log_path)}")
+    def _command(self) -> list[str]:
+        return [
+            node_executable(OidcPeerError, "Node 20.18+ is needed for the OAuth peer"),
+            str(OIDC_SERVER_SCRIPT),
+            str(self.requested_port),
+            "--exit-on-stdin-close",
+            "--clients",
+            str(self._clients_file()),
+        ]
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Terminate the server (SIGTERM, then SIGKILL after ``timeout``). Idempotent."""
-        proc, self._proc = self._proc, None
-        self._port = None
-        if proc is not None:
-            if proc.stdin is not None:
-                with contextlib.suppress(OSError):
-                    proc.stdin.close()
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=timeout)
-            if proc.stdout is not None:
-                with contextlib.suppress(OSError):
-                    proc.stdout.close()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        """Terminate the server (SIGTERM, then SIGKILL after ``timeout``) and delete its clients
+        file. Idempotent."""
+        super().stop(timeout)
         if self._clients_dir is not None:
             self._clients_dir.cleanup()
             self._clients_dir = None
 
-    def __enter__(self) -> OidcProviderPeer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     def __repr__(self) -> str:  # never the clients: they hold secrets
-        state = f"port={self._port} pid={self._proc.pid}" if self._proc is not None else "stopped"
-        return f"OidcProviderPeer({state}, {len(self.clients)} client(s))"
+        return f"OidcProviderPeer({self._state()}, {len(self.clients)} client(s))"

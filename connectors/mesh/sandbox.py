@@ -22,23 +22,20 @@ message bodies) is kept at ``log_path`` after stop for post-mortems.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import fcntl
 import ipaddress
 import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Final, NoReturn
+from typing import Any, Final
+
+from connectors.peer_process import PeerProcess, ensure_installed
 
 __all__ = [
     "PEER_DIR",
@@ -57,20 +54,12 @@ REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 PEER_DIR: Final = REPO_ROOT / "peers" / "mesh-sandbox"
 SERVE_SCRIPT: Final = PEER_DIR / "serve.py"
 PEER_PYTHON: Final = PEER_DIR / ".venv" / "bin" / "python"
-_READY = re.compile(r"Uvicorn running on (https?)://127\.0\.0\.1:(\d+)")
+_READY = re.compile(r"Uvicorn running on (https?)://127\.0\.0\.1:(?P<port>\d+)")
 _HOST: Final = "127.0.0.1"
 
 
 class MeshSandboxError(RuntimeError):
     """The MESH peer could not be installed or started."""
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "<no log>"
-    return "\n".join(text.splitlines()[-lines:]) or "<empty>"
 
 
 # -- install ------------------------------------------------------------------------------------------------
@@ -108,24 +97,8 @@ def ensure_sandbox_venv(timeout: float = 600.0) -> None:
 
     Serialised with a lock file so parallel test workers do not install over each other.
     """
-    if _installed():
-        return
-    lock_path = Path(tempfile.gettempdir()) / "schoolslink-mesh-sandbox-uv.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if _installed():  # another process installed while we waited
-                return
-            cmd = install_command()
-            try:
-                done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, check=False)
-            except subprocess.TimeoutExpired as exc:
-                raise MeshSandboxError(f"{' '.join(cmd)} timed out after {timeout:.0f}s") from exc
-            if done.returncode != 0 or not _installed():
-                tail = "\n".join((done.stdout + done.stderr).splitlines()[-30:])
-                raise MeshSandboxError(f"{' '.join(cmd)} failed ({done.returncode}):\n{tail}")
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    ensure_installed(_installed, install_command, REPO_ROOT, "schoolslink-mesh-sandbox-uv.lock", timeout,
+                     MeshSandboxError)
 
 
 # -- certificates -------------------------------------------------------------------------------------------
@@ -251,7 +224,7 @@ class SandboxTls:
 # -- the server ---------------------------------------------------------------------------------------------
 
 
-class MeshSandbox:
+class MeshSandbox(PeerProcess):
     """The mesh-sandbox peer as a context manager.
 
     ``mailboxes``: a ``mailboxes.jsonl`` in mesh-sandbox's format (mailbox_id, password, ods_code, ...);
@@ -260,6 +233,14 @@ class MeshSandbox:
     authorisation tokens with. ``port`` 0 picks a free port on 127.0.0.1. ``install`` runs
     :func:`ensure_sandbox_venv` first.
     """
+
+    error = MeshSandboxError
+    name = "MESH sandbox"
+    script = SERVE_SCRIPT
+    cwd = PEER_DIR
+    log_prefix = "schoolslink-mesh-sandbox-"
+    ready_in_log = _READY
+    env_drop = ("PYTHONPATH",)  # the peer's own environment only
 
     def __init__(
         self,
@@ -282,42 +263,15 @@ class MeshSandbox:
         self.shared_key = shared_key
         self.tls = tls
         self.data_dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="schoolslink-mesh-"))
-        if log_path is None:
-            fd, log_name = tempfile.mkstemp(prefix="schoolslink-mesh-sandbox-", suffix=".log")
-            os.close(fd)
-            log_path = log_name
-        self.log_path = Path(log_path)
-        self.requested_port = port
-        self.startup_timeout = startup_timeout
-        self.install = install
-        self._extra_env = dict(env or {})
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-        self._port: int | None = None
+        super().__init__(port=port, log_path=log_path, startup_timeout=startup_timeout, install=install, env=env)
         self._scheme = "https" if tls is not None else "http"
 
     # -- properties -----------------------------------------------------------------------------------------
 
     @property
-    def port(self) -> int:
-        if self._port is None:
-            raise MeshSandboxError("the MESH sandbox is not running")
-        return self._port
-
-    @property
     def base_url(self) -> str:
         """The MESH base URL (the client adds ``/messageexchange/...``), e.g. ``https://127.0.0.1:PORT``."""
         return f"{self._scheme}://{_HOST}:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        if self._proc is None:
-            raise MeshSandboxError("the MESH sandbox is not running")
-        return self._proc.pid
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     @property
     def store_dir(self) -> Path:
@@ -374,19 +328,14 @@ class MeshSandbox:
             "".join(json.dumps(w, separators=(",", ":")) + "\n" for w in self.workflows), encoding="utf-8")
         return config_dir
 
-    def start(self) -> MeshSandbox:
-        if self._proc is not None:
-            raise MeshSandboxError("the MESH sandbox is already started")
+    def _prepare(self) -> Mapping[str, str]:
         if self.install:
             ensure_sandbox_venv()
         elif not PEER_PYTHON.exists():
             raise MeshSandboxError(f"{PEER_PYTHON} is missing: run {' '.join(install_command())}")
         config_dir = self._write_config()
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        env.pop("PYTHONPATH", None)  # the peer's own environment only
-        env.update(self._extra_env)
-        env.update({
+        return {
             "ENV": "local",
             "STORE_MODE": "file",
             "MAILBOXES_DATA_DIR": str(self.store_dir),
@@ -394,78 +343,9 @@ class MeshSandbox:
             "AUTH_MODE": "full",  # check every token's HMAC (neither "none" nor "canned")
             "MESH_SANDBOX_CONFIG_DIR": str(config_dir),
             "PYTHONUNBUFFERED": "1",
-        })
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        start_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        self._log = open(self.log_path, "ab")  # closed in stop()
+        }
+
+    def _command(self) -> list[str]:
         cmd = [str(PEER_PYTHON), str(SERVE_SCRIPT), "mesh_sandbox.api:app", "--host", _HOST,
                "--port", str(self.requested_port), "--log-level", "info", "--no-server-header"]
-        if self.tls is not None:
-            cmd += self.tls.uvicorn_args()
-        self._proc = subprocess.Popen(
-            cmd,
-            cwd=PEER_DIR,
-            env=env,
-            stdin=subprocess.PIPE,  # the server exits when this pipe closes (i.e. when we die)
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + self.startup_timeout
-        while True:
-            match = _READY.search(self._log_since(start_offset))
-            if match:
-                self._port = int(match.group(2))
-                return self
-            if self._proc.poll() is not None:
-                self._fail(f"exited with status {self._proc.returncode} during start-up")
-            if time.monotonic() > deadline:
-                self._fail(f"did not report that it was listening within {self.startup_timeout:.0f}s")
-            time.sleep(0.05)
-
-    def _log_since(self, offset: int) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(offset)
-                return f.read().decode("utf-8", errors="replace")
-        except OSError:
-            return ""
-
-    def _fail(self, why: str) -> NoReturn:
-        self.stop()
-        raise MeshSandboxError(
-            f"MESH sandbox ({SERVE_SCRIPT.relative_to(REPO_ROOT)}) {why}; log {self.log_path}:\n{_tail(self.log_path)}"
-        )
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Terminate the server (close its stdin, SIGTERM, then SIGKILL after ``timeout``). Idempotent."""
-        proc, self._proc = self._proc, None
-        self._port = None
-        if proc is not None:
-            if proc.stdin is not None:
-                with contextlib.suppress(OSError):
-                    proc.stdin.close()
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=timeout)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def __enter__(self) -> MeshSandbox:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        state = f"port={self._port} pid={self._proc.pid}" if self._proc is not None else "stopped"
-        return f"MeshSandbox({state})"
+        return cmd + self.tls.uvicorn_args() if self.tls is not None else cmd
