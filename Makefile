@@ -10,7 +10,7 @@ FHIR_PEER := peers/fhir-server
 OIDC_PEER := peers/oidc-provider
 MESH_PEER := peers/mesh-sandbox
 
-.PHONY: install demo test lint typecheck pytest bench clean
+.PHONY: install debian demo test lint typecheck pytest bench clean
 
 $(UV):
 	$(PY) -m venv $(TOOLS)
@@ -30,13 +30,20 @@ $(OIDC_PEER)/node_modules/.installed: $(OIDC_PEER)/package.json $(OIDC_PEER)/pac
 	cd $(OIDC_PEER) && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
+# Debian packages the tests drive for real: headless Chromium (HTML feeds and summaries, axe-core) and OpenSSH's
+# sshd + sftp-server (SFTP delivery to chrooted school accounts). Installed only when missing.
+debian:
+	@command -v chromium >/dev/null && test -x /usr/sbin/sshd && test -x /usr/lib/openssh/sftp-server || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium openssh-server \
+	     openssh-sftp-server)
+
 # mesh-sandbox pins a newer FastAPI than Airflow allows: it runs as a peer from its own locked environment.
 $(MESH_PEER)/.venv/.installed: $(UV) $(MESH_PEER)/pyproject.toml $(MESH_PEER)/uv.lock
 	$(UV) sync --frozen --project $(MESH_PEER) --python $(PY) --quiet
 	@touch $@
 
 install: $(BIN)/schoolslink $(FHIR_PEER)/node_modules/.installed $(OIDC_PEER)/node_modules/.installed \
-	$(MESH_PEER)/.venv/.installed
+	$(MESH_PEER)/.venv/.installed debian
 
 demo: install
 	$(BIN)/schoolslink demo

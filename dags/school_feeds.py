@@ -1,6 +1,9 @@
 """school_feeds: each school's status feed for tonight (CSV + JSON + manifest), nightly in Europe/London.
 
 The cron is in Europe/London, so it stays at 02:00 local time across the clock changes. Wiring only.
+`deliver` then puts each built feed where a school that takes files wants it (folder, S3, SFTP) and sends
+the feed-ready emails (docs/feed-delivery.md); it runs once the builds are done, even if a chunk failed, so
+the schools whose feeds were built still get them. XCom carries counts only.
 """
 
 from __future__ import annotations
@@ -36,14 +39,24 @@ def school_feeds() -> None:
         run_id, run_date, now = airflow_glue.run_facts()
         return feeds_stage.build(run_id, chunk, run_date, now)
 
+    @task(trigger_rule="all_done")
+    def deliver(parts: list[dict[str, Any]] | None) -> dict[str, int]:
+        from schoolslink import airflow_glue
+        from schoolslink.pipeline import feed_delivery
+
+        run_id, run_date, _ = airflow_glue.run_facts()
+        return feed_delivery.deliver(run_id, run_date, lookup=airflow_glue.airflow_connection)
+
     @task
-    def summarise(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    def summarise(parts: list[dict[str, Any]], delivered: dict[str, int]) -> dict[str, Any]:
         from schoolslink import airflow_glue, runs
 
         run_id, _, now = airflow_glue.run_facts()
-        return runs.finish(run_id, "school_feeds", airflow_glue.started_at(), now, runs.merge_counts(list(parts)))
+        counts = runs.merge_counts([*parts, delivered])
+        return runs.finish(run_id, "school_feeds", airflow_glue.started_at(), now, counts)
 
-    summarise(build.expand(chunk=plan()))
+    built = build.expand(chunk=plan())
+    summarise(built, deliver(built))
 
 
 school_feeds_dag = school_feeds()
