@@ -1,4 +1,5 @@
-"""school_feeds: each school's status feed for tonight (CSV + JSON + manifest), nightly in Europe/London.
+"""school_feeds: each school's status feed for tonight, nightly in Europe/London: full and changes-only CSV and
+JSON, an accessible HTML page, and a manifest (docs/feeds.md).
 
 The cron is in Europe/London, so it stays at 02:00 local time across the clock changes. Wiring only.
 `deliver` then puts each built feed where a school that takes files wants it (folder, S3, SFTP) and sends

@@ -1,11 +1,17 @@
 """The school's nightly status feed: for each pupil the agreement and consent cover, where their
-referral stands tonight, in plain English (CSV for MIS import, JSON), with a manifest of row counts
-and SHA-256, written atomically into `SCHOOLSLINK_HOME/out/feeds/<URN>/<date>/`.
+referral stands tonight, in plain English, written atomically into `SCHOOLSLINK_HOME/out/feeds/<URN>/<date>/`
+(docs/feeds.md): `feed.csv` and `feed.json` (every row), `changes.csv` and `changes.json` (rows new, changed
+or corrected since the school's last feed), `feed.html` (both, as one accessible page) and `manifest.json`
+(each file's rows, bytes and SHA-256). The files are staged in a hidden folder and swapped in whole.
 
 Rows come from the declarative mapping `mappings/feed-out/school-feed-row.yaml`: a column whose
 data item the agreement or the consent does not allow is never filled. Every row is a
-disclosure to the school and gets a ledger entry. The feeds issue adds HTML, changes-only files,
-signposting and delivery to S3/SFTP.
+disclosure to the school and gets a ledger entry. A not-accepted or discharged row carries the trust's
+signposting (`agreements/signposting/<ODS>.yaml`, schoolslink.governance.signposting) under the outcome
+reason's item. Each row also names the trust's link worker from the agreement (not about the child), and
+the top of every feed lists the link contacts. `changed` compares with what the school had before tonight
+(the days waiting alone growing is not a change); `what_changed` names the columns that changed, only
+among those the school may see tonight, from the previous feed's own file.
 
 Corrections: when a link is found wrong (`match review unlink`), each school that was sent status rows
 about the learner from that trust gets one correction row in its next feed, and only in that feed (a
@@ -19,9 +25,7 @@ the state: `content_hash` holds `review.CORRECTION_DUE` + the decision id until 
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -33,7 +37,7 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
-from schoolslink import ledger
+from schoolslink import feed_render, ledger
 from schoolslink.constants import PURPOSE_SUPPORT as PURPOSE
 from schoolslink.governance import register
 from schoolslink.governance.agreement import Agreement, agreement_for, load_agreements
@@ -46,6 +50,7 @@ from schoolslink.governance.review import (
     is_marker,
     retraction_reason,
 )
+from schoolslink.governance.signposting import signposting_for
 from schoolslink.mapping.engine import load_mappings
 from schoolslink.model import Direction, Disclosure
 from schoolslink.pipeline.common import store
@@ -62,17 +67,32 @@ from schoolslink.store.schema import (
 )
 from schoolslink.store.upsert import upsert
 
-FEED_VERSION = "1"
+FEED_VERSION = "2"
 COLUMNS = (
     "upn", "surname", "forename", "trust_ods", "referral_received", "status", "status_code", "reason",
-    "days_waiting", "next_appointment", "contact_name", "contact_role", "contact_email", "transition",
-    "changed",
+    "signposting", "signposting_contact", "days_waiting", "next_appointment", "contact_name", "contact_role",
+    "contact_email", "transition", "trust_link_worker", "trust_link_worker_email", "changed", "what_changed",
 )
+# Columns not from the mapping: the agreement's link worker (nothing about the child) and the change columns.
+NOT_MAPPED = ("trust_link_worker", "trust_link_worker_email", "changed", "what_changed")
+MAPPED = tuple(c for c in COLUMNS if c not in NOT_MAPPED)
+NOT_A_CHANGE = ("days_waiting",)  # grows every night while a pupil waits: not news on its own
+# The data item each mapped column carries (what_changed names a column only if its item is allowed tonight)
+# and how what_changed names it.
+COLUMN_ITEMS = {
+    "referral_received": ("referral_received", "referral date"), "status": ("referral_status", "status"),
+    "reason": ("outcome_reason", "reason"), "signposting": ("outcome_reason", "where else to go"),
+    "signposting_contact": ("outcome_reason", "where else to go"),
+    "next_appointment": ("next_appointment", "next appointment"), "contact_name": ("named_contact", "named contact"),
+    "contact_role": ("named_contact", "named contact"), "contact_email": ("named_contact", "named contact"),
+    "transition": ("transition", "transition"),
+}
+FILES = ("feed.csv", "feed.json", "changes.csv", "changes.json", "feed.html", "manifest.json")
 FEED_MAPPING = "school-feed-row"  # mappings/feed-out/school-feed-row.yaml: which item fills which column
 CORRECTION_CODE = "entered-in-error"
 CORRECTION_STATUS = ("Sent in error: disregard every earlier status row for this pupil from this trust; "
                      "nothing from it applied to this pupil")
-CORRECTION_VERSION = f"feed-correction-{FEED_VERSION}"  # the ledger's mapping_version for a correction row
+CORRECTION_VERSION = "feed-correction-1"  # the ledger's mapping_version for a correction row
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +118,7 @@ def build_school_feeds(run_id: str, urns: list[str], feed_date: date, at: dateti
         with eng.begin() as conn:
             rows, disclosures, refused, no_agreement, state = _school_rows(conn, run_id, urn, feed_date, agreements)
             totals["corrections"] += sum(1 for r in rows if r["changed"] == "correction")
-            staged = _stage_feed(urn, feed_date, rows, agreements, run_id)
+            staged = _stage_feed(urn, feed_date, rows, agreements, run_id, at)
             ledger.append(conn, disclosures, at)
             upsert(conn, feed_rows, _not_over_new_corrections(conn, urn, state),
                    ["school_urn", "learner_key", "trust_ods"])
@@ -147,6 +167,7 @@ def _school_rows(
     consents = register.load_for(conn, list(pupils) + [x["patient_key"] for v in lks.values() for x in v])
     mappings = load_mappings()
 
+    earlier = _EarlierFeeds()
     rows, state, disclosures = _corrections(conn, run_id, urn, feed_date, corrections)
     corrected = {(s["learner_key"], s["trust_ods"]): s["content_hash"] for s in state}
     refused = no_agreement = 0
@@ -173,12 +194,15 @@ def _school_rows(
             )
             role = roles.get(ep_mgr or ref["performer_ref"] or "")
             plain = pupil["plain"]
+            table = signposting_for(trust)
+            signpost = table.for_outcome(st.status.value, st.reason_code) if table is not None else None
             canonical = {
                 "pupil": {"upn": plain["upn"], "surname": plain["surname"], "forename": plain["forename"]},
                 "trust_ods": trust,
                 "referral": {
                     "received": ref["received"].isoformat() if ref["received"] else None,
                     "status": st.status.value, "reason_code": st.reason_code,
+                    "signposting": {"text": signpost.text, "contact": signpost.contact} if signpost else None,
                     "days_waiting": (feed_date - ref["received"]).days if ref["received"] else None,
                     "next_appointment": st.next_appointment.isoformat() if st.next_appointment else None,
                     "contact": {"name": (role or {}).get("name"), "role": (role or {}).get("role"),
@@ -189,15 +213,20 @@ def _school_rows(
             }
             cm = mappings.compile(FEED_MAPPING, allowed)
             mapped, sent_items = cm.run_with_items(canonical, record_key=key)
-            row = {c: mapped.get(c, "") for c in COLUMNS if c != "changed"}
-            h = hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()
+            row: dict[str, Any] = {c: mapped.get(c, "") for c in MAPPED}
+            h = _hash({c: v for c, v in row.items() if c not in NOT_A_CHANGE})  # what `changed` compares
             prev_hash, prev_date = previous.get((key, trust), (None, None))
+            link_worker = agreement.trust(trust)
+            row.update(trust_link_worker=link_worker.link_worker_name,
+                       trust_link_worker_email=link_worker.link_worker_email)
             row["changed"] = "new" if prev_hash is None else ("changed" if prev_hash != h else "")
+            row["what_changed"] = _what_changed(row, earlier.get(prev_date, urn).get((plain["upn"], trust)),
+                                                allowed)
             disclosures.append(Disclosure(
                 run_id=run_id, dag_id="school_feeds", direction=Direction.TRUST_TO_SCHOOL,
                 recipient=f"URN:{urn}", subject_key=key, data_items=tuple(sorted(set(sent_items))),
                 agreement_id=agreement.id, agreement_version=agreement.version, consent_id=consent_id,
-                mapping_version=cm.version, content_hash=h,
+                mapping_version=cm.version, content_hash=_hash(row),  # the row as the school receives it
             ))
             if (key, trust) in corrected:  # tonight also corrects what came before: keep that for a re-run
                 state = [s for s in state if (s["learner_key"], s["trust_ods"]) != (key, trust)]
@@ -206,6 +235,49 @@ def _school_rows(
                           "feed_date": feed_date, "prev_hash": prev_hash, "prev_date": prev_date})
             rows.append(row)
     return rows, disclosures, refused, no_agreement, state
+
+
+def _hash(row: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class _EarlierFeeds:
+    """The rows of the school's earlier feeds, from their own feed.json, read once each: only to say *what* changed
+    (whether a row changed is decided by the stored hashes). A feed that is gone or unreadable says nothing."""
+
+    def __init__(self) -> None:
+        self._by_date: dict[tuple[str, date], dict[tuple[str, str], dict[str, Any]]] = {}
+
+    def get(self, day: date | None, urn: str) -> dict[tuple[str, str], dict[str, Any]]:
+        if day is None:
+            return {}
+        if (urn, day) not in self._by_date:
+            rows: dict[tuple[str, str], dict[str, Any]] = {}
+            try:
+                doc = json.loads((feed_dir(urn, day) / "feed.json").read_text(encoding="utf-8"))
+                for r in doc.get("rows", []):
+                    if isinstance(r, dict) and r.get("status_code") != CORRECTION_CODE:
+                        rows[(str(r.get("upn")), str(r.get("trust_ods")))] = r
+            except (OSError, ValueError, AttributeError):
+                rows = {}
+            self._by_date[(urn, day)] = rows
+        return self._by_date[(urn, day)]
+
+
+def _what_changed(row: dict[str, Any], before: dict[str, Any] | None, allowed: frozenset[str] | set[str]) -> str:
+    """Plain English for `changed`, naming only columns whose data item the school may see tonight."""
+    if row["changed"] == "new":
+        return "New in this feed"
+    if row["changed"] != "changed":
+        return ""
+    names: list[str] = []
+    if before is not None:
+        for col, (item, name) in COLUMN_ITEMS.items():
+            now, then = row.get(col, ""), before.get(col, "")
+            if item in allowed and str("" if now is None else now) != str("" if then is None else then) \
+                    and name not in names:
+                names.append(name)
+    return f"Changed: {', '.join(names)}" if names else "Changed since the last feed"
 
 
 def _not_over_new_corrections(conn: Connection, urn: str, state: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -250,7 +322,7 @@ def _corrections(conn: Connection, run_id: str, urn: str, feed_date: date, due: 
         row = dict.fromkeys(COLUMNS, "")
         row.update(upn=who.get("upn") or "", surname=who.get("surname") or "", forename=who.get("forename") or "",
                    trust_ods=trust, status=CORRECTION_STATUS, status_code=CORRECTION_CODE)
-        h = hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()
+        h = _hash({c: v for c, v in row.items() if c not in ("changed", "what_changed")})
         row["changed"] = "correction"
         agreement_id, agreement_version = ledger.last_agreement(conn, key, f"URN:{urn}")
         disclosures.append(Disclosure(
@@ -266,21 +338,9 @@ def _corrections(conn: Connection, run_id: str, urn: str, feed_date: date, due: 
     return rows, state, disclosures
 
 
-def _stage_feed(urn: str, feed_date: date, rows: list[dict[str, Any]], agreements: list[Agreement],
-                run_id: str) -> Path:
-    """Write the feed's files into a hidden folder beside where it will be published."""
-    final = feed_dir(urn, feed_date)
-    tmp = final.with_name(f".{final.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    public = [{c: r[c] for c in COLUMNS} for r in rows]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\r\n")
-    w.writeheader()
-    w.writerows(public)
-    csv_bytes = buf.getvalue().encode("utf-8")
-    trusts = sorted({r["trust_ods"] for r in rows})
+def link_contacts(agreements: list[Agreement], urn: str, feed_date: date) -> list[dict[str, Any]]:
+    """The top of every feed: per active agreement covering the school and trust, the trust's named link worker
+    and the school's link contact (from the agreement; nothing about any child)."""
     contacts = []
     for a in agreements:
         if a.covers_school(urn) and a.active_on(feed_date) and PURPOSE in a.purposes:
@@ -291,22 +351,66 @@ def _stage_feed(urn: str, feed_date: date, rows: list[dict[str, Any]], agreement
                                  "trust_link_worker_email": t.link_worker_email,
                                  "school_link_contact": sc[0] if sc else None,
                                  "school_link_contact_email": sc[1] if sc else None})
+    return contacts
+
+
+def feed_document(urn: str, feed_date: date, rows: list[dict[str, Any]], contacts: list[dict[str, Any]],
+                  mapping_version: str, kind: str = "full") -> dict[str, Any]:
+    """feed.json (kind full: every row) or changes.json (kind changes: rows new, changed or corrected), as
+    schoolslink/schemas/school-feed.schema.json publishes it."""
+    public = [{c: r.get(c, "") for c in COLUMNS} for r in rows if kind == "full" or r.get("changed")]
+    return {
+        "$schema": feed_render.SCHEMA_ID, "feed_version": FEED_VERSION, "kind": kind, "school_urn": urn,
+        "date": feed_date.isoformat(), "mapping_version": mapping_version, "link_contacts": contacts,
+        "trusts": sorted({r["trust_ods"] for r in public}), "columns": list(COLUMNS),
+        "counts": {"rows": len(public), "new": sum(r["changed"] == "new" for r in public),
+                   "changed": sum(r["changed"] == "changed" for r in public),
+                   "corrections": sum(r["changed"] == "correction" for r in public)},
+        "rows": public,
+    }
+
+
+def render_feed(full: dict[str, Any], changes: dict[str, Any]) -> dict[str, tuple[bytes, int]]:
+    """Every file of a feed folder except the manifest: name -> (bytes, rows)."""
+    return {
+        "feed.csv": (feed_render.csv_bytes(COLUMNS, full["rows"]), len(full["rows"])),
+        "feed.json": (feed_render.json_bytes(full), len(full["rows"])),
+        "changes.csv": (feed_render.csv_bytes(COLUMNS, changes["rows"]), len(changes["rows"])),
+        "changes.json": (feed_render.json_bytes(changes), len(changes["rows"])),
+        "feed.html": (feed_render.html_bytes(full, changes), len(full["rows"])),
+    }
+
+
+def _stage_feed(urn: str, feed_date: date, rows: list[dict[str, Any]], agreements: list[Agreement],
+                run_id: str, at: datetime | None = None) -> Path:
+    """Write the feed's files into a hidden folder beside where it will be published."""
+    final = feed_dir(urn, feed_date)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
     version = load_mappings().get(FEED_MAPPING).version
-    doc = {"feed_version": FEED_VERSION, "mapping_version": version, "school_urn": urn, "date": feed_date.isoformat(),
-           "link_contacts": contacts, "trusts": trusts, "rows": public}
-    json_bytes = json.dumps(doc, indent=1).encode("utf-8")
-    (tmp / "feed.csv").write_bytes(csv_bytes)
-    (tmp / "feed.json").write_bytes(json_bytes)
+    contacts = link_contacts(agreements, urn, feed_date)
+    full = feed_document(urn, feed_date, rows, contacts, version, "full")
+    changes = feed_document(urn, feed_date, rows, contacts, version, "changes")
+    files = render_feed(full, changes)
+    for name, (data, _) in files.items():
+        (tmp / name).write_bytes(data)
     manifest = {
-        "school_urn": urn, "date": feed_date.isoformat(), "run_id": run_id, "rows": len(public),
-        "mapping_version": version,
-        "files": {
-            "feed.csv": {"sha256": hashlib.sha256(csv_bytes).hexdigest(), "bytes": len(csv_bytes)},
-            "feed.json": {"sha256": hashlib.sha256(json_bytes).hexdigest(), "bytes": len(json_bytes)},
-        },
+        "school_urn": urn, "date": feed_date.isoformat(), "run_id": run_id, "feed_version": FEED_VERSION,
+        "schema": feed_render.SCHEMA_ID, "built_at": at.isoformat() if at else None, "rows": len(full["rows"]),
+        "changes": len(changes["rows"]), "mapping_version": version,
+        "files": {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "rows": n,
+                         "media_type": _MEDIA_TYPES[name]}
+                  for name, (data, n) in files.items()},
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return tmp
+
+
+_MEDIA_TYPES = {"feed.csv": "text/csv; charset=utf-8", "changes.csv": "text/csv; charset=utf-8",
+                "feed.json": "application/json", "changes.json": "application/json",
+                "feed.html": "text/html; charset=utf-8"}
 
 
 def _publish(tmp: Path, final: Path) -> None:

@@ -1,7 +1,8 @@
 """A trust's referral, episode and appointments -> the canonical status of the referral tonight.
 
 What the school reads for each status and reason comes from the feed-row mapping and its code tables
-(`mappings/feed-out/`, `mappings/code-tables/`); the feeds issue adds per-trust signposting.
+(`mappings/feed-out/`, `mappings/code-tables/`); where else to go after a not-accepted or discharged status
+comes from the trust's signposting table (schoolslink.governance.signposting), keyed by `reason_code`.
 """
 
 from __future__ import annotations
