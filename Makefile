@@ -9,6 +9,7 @@ BIN := $(VENV)/bin
 FHIR_PEER := peers/fhir-server
 OIDC_PEER := peers/oidc-provider
 MESH_PEER := peers/mesh-sandbox
+BROWSER_PEER := peers/browser
 
 .PHONY: install debian demo test lint typecheck pytest bench clean
 
@@ -42,8 +43,14 @@ $(MESH_PEER)/.venv/.installed: $(UV) $(MESH_PEER)/pyproject.toml $(MESH_PEER)/uv
 	$(UV) sync --frozen --project $(MESH_PEER) --python $(PY) --quiet
 	@touch $@
 
+# playwright-core and axe-core drive Debian's Chromium in the accessibility tests (screenshots in artifacts/).
+$(BROWSER_PEER)/node_modules/.installed: $(BROWSER_PEER)/package.json $(BROWSER_PEER)/package-lock.json \
+		$(FHIR_PEER)/node_modules/.installed
+	cd $(BROWSER_PEER) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
 install: $(BIN)/schoolslink $(FHIR_PEER)/node_modules/.installed $(OIDC_PEER)/node_modules/.installed \
-	$(MESH_PEER)/.venv/.installed debian
+	$(MESH_PEER)/.venv/.installed $(BROWSER_PEER)/node_modules/.installed debian
 
 demo: install
 	$(BIN)/schoolslink demo

@@ -94,6 +94,30 @@ def run_demo(schools: int, pupils: int, out: Path) -> dict[str, Any]:
     }
 
 
+def run_feeds(home: Path, schools: int) -> dict[str, Any]:
+    """Every school's feed for the next night, on the state the demo left (`schoolslink feeds build`), alone in a
+    process tree of its own: time and peak RSS of building all schools' feeds in every format."""
+    night = "2026-11-27"
+    out = home / "bench-feeds"
+    cmd = [sys.executable, "-m", "schoolslink.cli", "feeds", "build", "--date", night, "--out", str(out)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "SCHOOLSLINK_HOME": str(home)})
+    sampler = TreeSampler(proc.pid)
+    sampler.start()
+    _, stderr = proc.communicate()
+    wall = time.perf_counter() - t0
+    sampler.stop.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"feeds build failed at {schools} schools:\n{stderr[-3000:]}")
+    folders = [p for p in out.glob(f"*/{night}") if p.is_dir()]
+    size = sum(f.stat().st_size for d in folders for f in d.iterdir())
+    return {"feeds": len(folders), "feeds_wall_s": round(wall, 2),
+            "feeds_peak_rss_mb": round(sampler.peak_pipeline / 2**20), "feeds_bytes": size,
+            "feeds_ms_per_school": round(1000 * wall / max(1, len(folders)), 1)}
+
+
 def _baseline_in_child() -> float:
     """The baseline in a child process with its own key, so nothing leaks into the demo's environment."""
     env = {**os.environ, "SCHOOLSLINK_KEY": "bench-baseline"}
@@ -115,8 +139,13 @@ def main() -> int:
         schools, pupils = (int(x) for x in size.split("x"))
         r = run_demo(schools, pupils, out / f"home-{schools}x{pupils}")
         r["pupils_per_s_end_to_end"] = round(pupils / r["wall_s"])
+        r.update(run_feeds(out / f"home-{schools}x{pupils}", schools))
         report["runs"].append(r)
         print(json.dumps(r), flush=True)
+    if len(report["runs"]) > 1:  # cost per pupil at the largest size over the smallest: 1.0 is linear
+        small, big = report["runs"][0], report["runs"][-1]
+        report["feeds_per_pupil_cost_ratio"] = round(
+            (big["feeds_wall_s"] / big["pupils"]) / (small["feeds_wall_s"] / small["pupils"]), 2)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
     return 0

@@ -50,9 +50,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_agreement_check(args: argparse.Namespace) -> int:
     from schoolslink.errors import AgreementError
     from schoolslink.governance.agreement import load_agreement
+    from schoolslink.governance.signposting import check_for_agreement
 
     try:
         a = load_agreement(Path(args.file))
+        beside = Path(args.file).resolve().parent / "signposting"  # kept as data beside the agreement
+        tables = check_for_agreement(a, beside if beside.is_dir() else None)
     except AgreementError as exc:
         print(str(exc), file=sys.stderr)
         return 1
@@ -62,6 +65,12 @@ def cmd_agreement_check(args: argparse.Namespace) -> int:
         print(f"  {d.value} may carry: {', '.join(sorted(items)) or '(nothing)'}")
     print(f"  the trust is sent a notice when consent is withdrawn: {'yes' if a.notify_withdrawal else 'no'}; "
           f"when a pupil it knew moves school: {'yes' if a.notify_move else 'no'}")
+    for ods, table in sorted(tables.items()):
+        if table is None:
+            print(f"  signposting for {ods}: none (feeds give no 'where else to go')")
+        else:
+            print(f"  signposting for {ods}: {len(table.rejection)} rejection and {len(table.closure)} closure "
+                  f"reasons, {len(table.services)} services ({table.path})")
     return 0
 
 
@@ -90,6 +99,21 @@ def cmd_feeds_build(args: argparse.Namespace) -> int:
         res = feeds_stage.build(f"cli__{args.date}", chunk, date.fromisoformat(args.date), datetime.now(UTC))
         total += res["feeds_written"]
     print(f"{total} feeds written")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from schoolslink.summary import SummaryError, build_summaries, summaries_dir
+
+    try:
+        out = Path(args.out) if args.out else summaries_dir(args.month)
+        counts = build_summaries(args.month, out)
+    except SummaryError as exc:
+        print(f"schoolslink summary: {exc}", file=sys.stderr)
+        return 2
+    doc = {"ok": True, "month": args.month, "out": str(out.resolve()), **counts.as_dict()}
+    _emit(args, doc, f"{counts.school_pages} school and {counts.trust_pages} trust summaries for {args.month} "
+                     f"in {out}")
     return 0
 
 
@@ -305,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     fb.add_argument("--date", required=True)
     fb.add_argument("--out", help="folder for the feeds (default out/feeds under SCHOOLSLINK_HOME)")
     fb.set_defaults(func=cmd_feeds_build)
+
+    sm = sub.add_parser("summary", help="the monthly partnership summary for each school and trust (HTML)")
+    sm.add_argument("--month", required=True, help="YYYY-MM")
+    sm.add_argument("--out", help="folder (default out/summaries/<month> under SCHOOLSLINK_HOME)")
+    sm.add_argument("--json", action="store_true")
+    sm.set_defaults(func=cmd_summary)
     return p
 
 
