@@ -69,11 +69,10 @@ def baseline_observations_per_second(n: int = 20000) -> float:
     return made / (time.perf_counter() - t0)
 
 
-def run_demo(schools: int, pupils: int, out: Path) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "schoolslink.cli", "demo", "--schools", str(schools), "--pupils", str(pupils),
-           "--out", str(out), "--date", "2026-11-26", "--json"]
+def _sampled(cmd: list[str], what: str, env: dict[str, str] | None = None) -> tuple[str, float, TreeSampler]:
+    """Run `cmd` in a process tree of its own, sampling its memory: (stdout, wall seconds, the sampler)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     sampler = TreeSampler(proc.pid)
     sampler.start()
     stdout, stderr = proc.communicate()
@@ -81,7 +80,14 @@ def run_demo(schools: int, pupils: int, out: Path) -> dict[str, Any]:
     sampler.stop.set()
     sampler.join()
     if proc.returncode != 0:
-        raise SystemExit(f"demo failed at {schools} schools / {pupils} pupils:\n{stderr[-3000:]}")
+        raise SystemExit(f"{what} failed:\n{stderr[-3000:]}")
+    return stdout, wall, sampler
+
+
+def run_demo(schools: int, pupils: int, out: Path) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "schoolslink.cli", "demo", "--schools", str(schools), "--pupils", str(pupils),
+           "--out", str(out), "--date", "2026-11-26", "--json"]
+    stdout, wall, sampler = _sampled(cmd, f"demo at {schools} schools / {pupils} pupils")
     doc = json.loads(stdout.strip().splitlines()[-1])
     s = doc["summaries"]
     return {
@@ -100,17 +106,7 @@ def run_feeds(home: Path, schools: int) -> dict[str, Any]:
     night = "2026-11-27"
     out = home / "bench-feeds"
     cmd = [sys.executable, "-m", "schoolslink.cli", "feeds", "build", "--date", night, "--out", str(out)]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "SCHOOLSLINK_HOME": str(home)})
-    sampler = TreeSampler(proc.pid)
-    sampler.start()
-    _, stderr = proc.communicate()
-    wall = time.perf_counter() - t0
-    sampler.stop.set()
-    sampler.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"feeds build failed at {schools} schools:\n{stderr[-3000:]}")
+    _, wall, sampler = _sampled(cmd, f"feeds build at {schools} schools", {**os.environ, "SCHOOLSLINK_HOME": str(home)})
     folders = [p for p in out.glob(f"*/{night}") if p.is_dir()]
     size = sum(f.stat().st_size for d in folders for f in d.iterdir())
     return {"feeds": len(folders), "feeds_wall_s": round(wall, 2),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import uuid
 from collections.abc import Iterator
 from datetime import date
@@ -22,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 
 from tests.integration.test_feed_delivery_folder import DAY, quarantined, write_feed
+from tests.moto_iam import moto_with_iam
 
 REGION = "eu-west-2"
 
@@ -41,44 +40,17 @@ def school_policy(bucket: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def moto_iam() -> Iterator[dict[str, Any]]:
     """moto's server on 127.0.0.1 with IAM enforced after set-up; yields endpoint, buckets, keys per school."""
-    previous = os.environ.get("INITIAL_NO_AUTH_ACTION_COUNT")
-    os.environ["INITIAL_NO_AUTH_ACTION_COUNT"] = "1000"  # before moto is imported: set-up runs as admin
-    for k, v in {"AWS_ACCESS_KEY_ID": "admin", "AWS_SECRET_ACCESS_KEY": "admin"}.items():
-        os.environ.setdefault(k, v)
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    # In case moto was imported earlier in this process: set the count on the running server, from zero.
-    requests.post(f"{endpoint}/moto-api/reset-auth", data=b"1000", timeout=10).raise_for_status()
-    admin = {"endpoint_url": endpoint, "region_name": REGION, "aws_access_key_id": "admin",
-             "aws_secret_access_key": "admin"}
-    s3, iam, kms = (boto3.client(s, **admin) for s in ("s3", "iam", "kms"))
-    run = uuid.uuid4().hex[:8]
-    schools: dict[str, dict[str, str]] = {}
-    for urn in ("100001", "100002"):
-        bucket = f"sl-feeds-{urn}-{run}"
-        s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
-        user = f"sl-feed-{urn}-{run}"
-        iam.create_user(UserName=user)
-        iam.put_user_policy(UserName=user, PolicyName="own-bucket", PolicyDocument=json.dumps(school_policy(bucket)))
-        key = iam.create_access_key(UserName=user)["AccessKey"]
-        schools[urn] = {"bucket": bucket, "key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
-    kms_key = kms.create_key(Description="school feeds")["KeyMetadata"]["KeyId"]
-    requests.post(f"{endpoint}/moto-api/reset-auth", data=b"0", timeout=10).raise_for_status()  # IAM on
-    try:
-        yield {"endpoint": endpoint, "schools": schools, "kms_key": kms_key}
-    finally:
-        requests.post(f"{endpoint}/moto-api/reset-auth", data=b"inf", timeout=10)
-        requests.post(f"{endpoint}/moto-api/reset", timeout=10)
-        server.stop()
-        if previous is None:
-            os.environ.pop("INITIAL_NO_AUTH_ACTION_COUNT", None)
-        else:
-            os.environ["INITIAL_NO_AUTH_ACTION_COUNT"] = previous
+    with moto_with_iam(REGION) as moto:
+        run = uuid.uuid4().hex[:8]
+        schools: dict[str, dict[str, str]] = {}
+        for urn in ("100001", "100002"):
+            bucket = f"sl-feeds-{urn}-{run}"
+            moto.s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
+            key, secret = moto.user(f"sl-feed-{urn}-{run}", school_policy(bucket))
+            schools[urn] = {"bucket": bucket, "key": key, "secret": secret}
+        kms_key = moto.kms.create_key(Description="school feeds")["KeyMetadata"]["KeyId"]
+        moto.enforce()
+        yield {"endpoint": moto.endpoint, "schools": schools, "kms_key": kms_key}
 
 
 def school_client(env: dict[str, Any], urn: str) -> Any:
