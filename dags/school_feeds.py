@@ -49,15 +49,24 @@ def school_feeds() -> None:
         return feed_delivery.deliver(run_id, run_date, lookup=airflow_glue.airflow_connection)
 
     @task
-    def summarise(parts: list[dict[str, Any]], delivered: dict[str, int]) -> dict[str, Any]:
+    def purge_values() -> dict[str, int]:
+        """Disclosed values kept beside the ledger are erased past their agreement's retention; entries stay."""
+        from schoolslink import airflow_glue
+        from schoolslink.retention import purge
+
+        _, _, now = airflow_glue.run_facts()
+        return {f"retention_{k}": v for k, v in purge(now).items()}
+
+    @task
+    def summarise(parts: list[dict[str, Any]], delivered: dict[str, int], purged: dict[str, int]) -> dict[str, Any]:
         from schoolslink import airflow_glue, runs
 
         run_id, _, now = airflow_glue.run_facts()
-        counts = runs.merge_counts([*parts, delivered])
+        counts = runs.merge_counts([*parts, delivered, purged])
         return runs.finish(run_id, "school_feeds", airflow_glue.started_at(), now, counts)
 
     built = build.expand(chunk=plan())
-    summarise(built, deliver(built))
+    summarise(built, deliver(built), purge_values())
 
 
 school_feeds_dag = school_feeds()

@@ -3,6 +3,10 @@
 Started as a child process by `schoolslink demo` (Airflow reads its configuration from the
 environment at import, so the parent sets it first): `python -m schoolslink.airflow_runner DAG_ID...`.
 Prints one JSON line per DAG run: {"dag_id", "run_id", "state"}.
+
+Logging: `airflow_env` points Airflow's `[logging] logging_config_class` at `schoolslink.airflow_glue.LOGGING_CONFIG`
+(the pseudonymising processor in the task log write path) unless the environment already sets it, and `main`
+installs the pseudonymising filter (`schoolslink.logfilter`) once Airflow has configured logging in this process.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ def airflow_env(schoolslink_home: Path) -> dict[str, str]:
         "AIRFLOW__CORE__PARALLELISM": env.get("AIRFLOW__CORE__PARALLELISM", "4"),
         "AIRFLOW__LOGGING__LOGGING_LEVEL": env.get("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO"),
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AIRFLOW__LOGGING__LOGGING_CONFIG_CLASS": env.get("AIRFLOW__LOGGING__LOGGING_CONFIG_CLASS",
+                                                          "schoolslink.airflow_glue.LOGGING_CONFIG"),
         "GX_ANALYTICS_ENABLED": "False",
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p),
     })
@@ -65,6 +71,12 @@ def _load_dag(dag_id: str) -> Any:
 
 
 def main(argv: list[str]) -> int:
+    from schoolslink import logfilter
+
+    logfilter.install()  # before Airflow is imported: our loggers and the root logger
+    import airflow.sdk  # noqa: F401 - configures Airflow's logging (structlog, stdlib handlers) in this process
+
+    logfilter.install()  # again, on the handlers and the structlog chain Airflow has just set up
     logical = os.environ.get("SCHOOLSLINK_LOGICAL_DATE")
     failed = 0
     for dag_id in argv:

@@ -79,12 +79,29 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     from schoolslink.store.db import engine
 
     with engine().connect() as conn:
-        r = ledger.verify(conn)
+        r = ledger.verify(conn, checkpoints=not args.no_checkpoints)
     if args.json:
-        print(json.dumps({"ok": r.ok, "entries": r.entries, "first_bad_seq": r.first_bad_seq, "message": r.message}))
+        print(json.dumps({"ok": r.ok, "entries": r.entries, "checkpoints_checked": r.checkpoints_checked,
+                          "problem": r.problem, "first_bad_seq": r.first_bad_seq, "last_bad_seq": r.last_bad_seq,
+                          "message": r.message, "problems": [
+                              {"kind": p.kind, "message": p.message, "first_seq": p.first_seq,
+                               "last_seq": p.last_seq, "checkpoint": p.checkpoint} for p in r.problems]}))
     else:
         print(r.message)
+        for p in r.problems[1:]:
+            print(f"  also: {p.message}")
     return 0 if r.ok else 1
+
+
+def cmd_audit_purge(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from schoolslink.retention import purge
+
+    counts = purge(datetime.now(UTC))
+    _emit(args, {"ok": True, **counts}, f"{counts['values_erased']} disclosed values erased past their agreement's "
+                                        f"retention ({counts['values_kept']} kept); the ledger still verifies")
+    return 0
 
 
 def cmd_feeds_build(args: argparse.Namespace) -> int:
@@ -303,7 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     ausub = au.add_subparsers(dest="audit_command", required=True)
     av = ausub.add_parser("verify", help="recompute the ledger's hash chain")
     av.add_argument("--json", action="store_true")
+    av.add_argument("--no-checkpoints", action="store_true",
+                    help="check the chain only, not the external Merkle checkpoints")
     av.set_defaults(func=cmd_audit_verify)
+    ap = ausub.add_parser("purge", help="erase disclosed values past the agreement's retention (entries stay "
+                                        "verifiable)")
+    ap.add_argument("--json", action="store_true")
+    ap.set_defaults(func=cmd_audit_purge)
+    from schoolslink.audit.commands import register_audit
+
+    register_audit(ausub)  # audit query | report | export-fhir (docs/audit.md)
 
     mi = sub.add_parser("mis", help="school MIS exports")
     misub = mi.add_subparsers(dest="mis_command", required=True)
@@ -384,6 +410,7 @@ def _review_parser(sub: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    __import__("schoolslink.logfilter").logfilter.install()  # pseudonymise identifiers in any log record
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -227,6 +227,7 @@ def _school_rows(
                 recipient=f"URN:{urn}", subject_key=key, data_items=tuple(sorted(set(sent_items))),
                 agreement_id=agreement.id, agreement_version=agreement.version, consent_id=consent_id,
                 mapping_version=cm.version, content_hash=_hash(row),  # the row as the school receives it
+                values=_sent_values(row, sent_items),
             ))
             if (key, trust) in corrected:  # tonight also corrects what came before: keep that for a re-run
                 state = [s for s in state if (s["learner_key"], s["trust_ods"]) != (key, trust)]
@@ -235,6 +236,22 @@ def _school_rows(
                           "feed_date": feed_date, "prev_hash": prev_hash, "prev_date": prev_date})
             rows.append(row)
     return rows, disclosures, refused, no_agreement, state
+
+
+# The data item each filled column carries, for the ledger's commitments (the identity columns carry none).
+_ITEM_OF_COLUMN = {**{c: item for c, (item, _) in COLUMN_ITEMS.items()}, "status_code": "referral_status",
+                   "days_waiting": "days_waiting"}
+
+
+def _sent_values(row: dict[str, Any], sent_items: Any) -> dict[str, str]:
+    """Per data item sent, its filled columns' text as the school receives it (ledger.value_text of
+    {column: text}): what the ledger commits to."""
+    by_item: dict[str, dict[str, str]] = defaultdict(dict)
+    for col, item in _ITEM_OF_COLUMN.items():
+        text = row.get(col)
+        if item in sent_items and text not in (None, ""):
+            by_item[item][col] = str(text)
+    return {item: ledger.value_text(cols) for item, cols in by_item.items()}
 
 
 def _hash(row: dict[str, Any]) -> str:

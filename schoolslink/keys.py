@@ -4,6 +4,11 @@ The key lives outside the database: `SCHOOLSLINK_KEY` (hex or any string) in the
 else a key file under `SCHOOLSLINK_HOME/secrets/pseudonym.key`, created on first use with mode 0600.
 The same key always gives the same pseudonyms and resource ids, so a re-run yields the same resources
 and the ids reveal nothing without the key.
+
+Key versions (docs/audit-ledger.md): `SCHOOLSLINK_KEY_VERSION` (default "1") names the current key, and each ledger
+entry records it, so an auditor knows which key made the entry's subject pseudonym. After a rotation the keys
+still held are listed in `SCHOOLSLINK_KEY_PREVIOUS` as `version:key,version:key` (keys without `,`; hex is
+best); a query by subject tries every key held (`subject_keys_for_upn`). Verifying the ledger needs no key.
 """
 
 from __future__ import annotations
@@ -48,10 +53,54 @@ def _key_for_home(_home_env: str) -> bytes:
     return _load_key(None, str(home() / "secrets" / "pseudonym.key"))
 
 
+def key_version() -> str:
+    """The version name of the current pseudonym key (`SCHOOLSLINK_KEY_VERSION`, default "1")."""
+    return os.environ.get("SCHOOLSLINK_KEY_VERSION", "").strip() or "1"
+
+
+def previous_keys() -> list[tuple[str, bytes]]:
+    """Earlier keys still held after a rotation, from `SCHOOLSLINK_KEY_PREVIOUS` ("v1:key,v2:key"), newest last
+    as listed. A malformed item (no version or no key) is refused, naming its position only."""
+    raw = os.environ.get("SCHOOLSLINK_KEY_PREVIOUS", "").strip()
+    out: list[tuple[str, bytes]] = []
+    for i, item in enumerate(p.strip() for p in raw.split(",") if p.strip()):
+        version, sep, k = item.partition(":")
+        if not sep or not version.strip() or not k.strip():
+            raise ValueError(f"SCHOOLSLINK_KEY_PREVIOUS item {i + 1}: expected version:key")
+        out.append((version.strip(), k.strip().encode()))
+    return out
+
+
+def held_keys() -> list[tuple[str, bytes]]:
+    """Every pseudonym key held, as (version, key): the current one first, then the previous ones."""
+    current = key_version()
+    return [(current, key()), *((v, k) for v, k in previous_keys() if v != current)]
+
+
+def _pseudonym_with(k: bytes, kind: str, value: str, length: int = 20) -> str:
+    digest = hmac.new(k, f"{kind}\x1f{value}".encode(), hashlib.sha256).hexdigest()
+    return f"{kind[:3]}-{digest[:length]}"
+
+
 def pseudonym(kind: str, value: str, length: int = 20) -> str:
     """A keyed pseudonym for `value` of `kind` (e.g. 'upn', 'nhs'), safe to log and to send."""
-    digest = hmac.new(key(), f"{kind}\x1f{value}".encode(), hashlib.sha256).hexdigest()
-    return f"{kind[:3]}-{digest[:length]}"
+    return _pseudonym_with(key(), kind, value, length)
+
+
+def subject_keys_for_upn(upn: str) -> list[tuple[str, str]]:
+    """The learner key of `upn` under every key held, as (key version, learner key): what a query of the ledger
+    by subject must look for (an entry's `key_version` says which one made its `subject_key`)."""
+    return [(v, _pseudonym_with(k, "lrn", upn.strip().upper())) for v, k in held_keys()]
+
+
+def subject_keys_for_identity(upn: str | None, uln: str | None) -> list[tuple[str, str]]:
+    """As `subject_keys_for_upn`, for a learner keyed by UPN or else ULN (`learner_identity`)."""
+    return subject_keys_for_upn(learner_identity(upn, uln))
+
+
+def patient_keys_for_nhs(nhs_number: str) -> list[tuple[str, str]]:
+    """The patient key of an NHS number under every key held, as (key version, patient key)."""
+    return [(v, _pseudonym_with(k, "pat", nhs_number.replace(" ", ""))) for v, k in held_keys()]
 
 
 def learner_key(upn: str) -> str:

@@ -7,6 +7,7 @@ work store as JSON lines. Nothing here does I/O.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import date
 from typing import Any
@@ -220,3 +221,9 @@ class Disclosure:
     consent_id: str
     mapping_version: str
     content_hash: str
+    # the Airflow task that disclosed (None: the ledger takes AIRFLOW_CTX_TASK_ID, which Airflow sets in a task)
+    task_id: str | None = None
+    # item -> the value sent, as canonical text (schoolslink.ledger.value_text): the ledger keeps a salted
+    # commitment to each in the hashed entry and the salt and value apart (ledger_values), erased by retention.
+    # None: no values to commit to (the entry is still chained and verifiable).
+    values: Mapping[str, str] | None = None

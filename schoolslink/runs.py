@@ -1,4 +1,8 @@
-"""Run records: what each DAG run read, refused, quarantined and delivered (counts and reasons only)."""
+"""Run records: what each DAG run read, refused, quarantined and delivered (counts and reasons only).
+
+`finish`, which every DAG's last task calls, also makes the run's ledger checkpoint (schoolslink.ledger.checkpoint):
+the Merkle tree head over the whole ledger, in the database and in the external checkpoint store.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from schoolslink import ledger
 from schoolslink.pipeline.common import store
 from schoolslink.store.schema import quarantine, runs
 from schoolslink.store.upsert import upsert
@@ -24,7 +29,15 @@ def finish(run_id: str, dag_id: str, started: datetime, finished: datetime, summ
         summary = {**summary, "quarantine_reasons": dict(reasons.most_common(20))}
         upsert(conn, runs, [{"run_id": run_id, "dag_id": dag_id, "started_at": started,
                              "finished_at": finished, "summary": summary}], ["run_id"])
+    checkpoint(run_id)
     return summary
+
+
+def checkpoint(run_id: str) -> ledger.Checkpoint:
+    """The run's ledger checkpoint, in its own transaction after the run record (so a checkpoint store that is
+    down fails the task, to be retried, without losing the run record; a retry makes no second checkpoint)."""
+    with store().begin() as conn:
+        return ledger.checkpoint(conn, run_id)
 
 
 def _generalise(reason: str) -> str:

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import random
+import re
 import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -87,12 +88,22 @@ class _RedactQueryFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
-        if isinstance(args, tuple) and any(isinstance(a, httpx.URL) for a in args):
-            record.args = tuple(_url_without_query(a) if isinstance(a, httpx.URL) else a for a in args)
+        if isinstance(args, tuple) and any(_is_url(a) for a in args):
+            record.args = tuple(_url_without_query(a) if _is_url(a) else a for a in args)
+        elif not args and isinstance(record.msg, str) and "?" in record.msg:
+            # Already merged into the message (the pseudonymising log filter rewrites records as they are made).
+            record.msg = _QUERY_IN_TEXT.sub(r"\1?<redacted>", record.msg)
         return True
 
 
-def _url_without_query(url: httpx.URL) -> str:
+_QUERY_IN_TEXT: Final = re.compile(r"(https?://[^\s?\"']+)\?[^\s\"']*")
+
+
+def _is_url(arg: object) -> bool:
+    return isinstance(arg, httpx.URL) or (isinstance(arg, str) and arg.startswith(("http://", "https://")))
+
+
+def _url_without_query(url: object) -> str:
     text = str(url)
     cut = text.find("?")
     return text if cut == -1 else text[:cut] + "?<redacted>"

@@ -54,6 +54,10 @@ class Agreement:
     notify_withdrawal: bool = False  # notices: {withdrawal: true}: the trust is told when consent is withdrawn
     landing_days: int | None = None  # retention.landing_days: how long the school's raw exports are kept
     notify_move: bool = False  # notices: {move: true}: the trust is told when a pupil it knew moved school
+    ledger_years: int | None = None  # retention.ledger_years: how long the ledger (the proof) and checkpoints are kept
+    # retention.values_days: how long the values behind the ledger's commitments (ledger_values) are kept; None:
+    # DEFAULT_VALUES_DAYS (schoolslink/retention.py)
+    values_days: int | None = None
 
     def covers_school(self, urn: str) -> bool:
         if urn in self.school_urns:
@@ -162,9 +166,12 @@ def load_agreement(path: Path) -> Agreement:
     _need(isinstance(consent, dict) and set(consent) <= {"required"}, path,
           "consent takes only 'required'")
     retention = doc.get("retention") or {}
-    _need(isinstance(retention, dict) and set(retention) <= {"landing_days", "ledger_years"}
+    _need(isinstance(retention, dict) and set(retention) <= {"landing_days", "ledger_years", "values_days"}
           and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in retention.values()), path,
-          "retention takes landing_days and ledger_years, whole numbers of 1 or more")
+          "retention takes landing_days, ledger_years and values_days, whole numbers of 1 or more")
+    _need(retention.get("values_days") is None or retention.get("ledger_years") is None
+          or retention["values_days"] <= 366 * retention["ledger_years"], path,
+          "retention.values_days must not outlast retention.ledger_years")
     notices = doc.get("notices") or {}
     _need(isinstance(notices, dict) and set(notices) <= _NOTICES
           and all(isinstance(v, bool) for v in notices.values()), path,
@@ -192,6 +199,8 @@ def load_agreement(path: Path) -> Agreement:
         notify_withdrawal=bool(notices.get("withdrawal", False)),
         landing_days=retention.get("landing_days"),
         notify_move=bool(notices.get("move", False)),
+        ledger_years=retention.get("ledger_years"),
+        values_days=retention.get("values_days"),
     )
 
 

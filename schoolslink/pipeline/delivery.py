@@ -99,8 +99,14 @@ def _disclosure(run_id: str, dag_id: str, dest: str, r: dict[str, Any], h: str) 
         run_id=run_id, dag_id=dag_id, direction=Direction.SCHOOL_TO_TRUST, recipient=f"ODS:{dest}",
         subject_key=r["subject_key"], data_items=(r["item"],), agreement_id=r["agreement_id"],
         agreement_version=r["agreement_version"], consent_id=r["consent_id"],
-        mapping_version=r["mapping_version"], content_hash=h,
+        mapping_version=r["mapping_version"], content_hash=h, values=_sent_values(r),
     )
+
+
+def _sent_values(r: dict[str, Any]) -> dict[str, str] | None:
+    """The Observation's value[x] as sent, for the ledger's commitment to the item (None: it has none)."""
+    sent = {k: v for k, v in r["resource"].items() if k.startswith("value")}
+    return {r["item"]: ledger.value_text(sent)} if sent else None
 
 
 def _recheck(conn: Connection, rows: list[dict[str, Any]], agreements: list[Agreement], run_date: date,

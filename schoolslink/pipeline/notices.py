@@ -182,7 +182,8 @@ def _send(run_id: str, dag_id: str, at: datetime, due: dict[str, list[dict[str, 
                 run_id=run_id, dag_id=dag_id, direction=Direction.SCHOOL_TO_TRUST, recipient=f"ODS:{trust}",
                 subject_key=n["subject_key"], data_items=(item,), agreement_id=n["agreement"][0],
                 agreement_version=n["agreement"][1], consent_id=n["consent_id"],
-                mapping_version=n["mapping_version"], content_hash=h))
+                mapping_version=n["mapping_version"], content_hash=h,
+                values={item: ledger.value_text(n["resource"].get("payload"))}))
         with eng.begin() as conn:
             outbox.record(conn, f"fhir:{trust}", sent, run_id)
             ledger.append(conn, disclosures, at)

@@ -234,6 +234,38 @@ ledger = Table(
     Column("content_hash", String(64), nullable=False),
     Column("prev_hash", String(64), nullable=False),
     Column("entry_hash", String(64), nullable=False),
+    # Entry format 2 (migration 0006) also hashes these four; format 1 entries (before it) have them NULL.
+    Column("entry_format", Integer, nullable=False, server_default="1"),
+    Column("task_id", String(250)),  # the Airflow task that disclosed ('' outside a task)
+    Column("key_version", String(20)),  # which pseudonym key made subject_key (schoolslink.keys.key_version)
+    # canonical JSON {item: SHA-256(salt || value text)} of the values sent ('' when none were given)
+    Column("commitments", Text),
+)
+
+ledger_values = Table(
+    "ledger_values",
+    metadata,
+    # The salt and value behind each commitment of a ledger entry: personal data, erased by retention
+    # (schoolslink/retention.py sets salt and value NULL and erased_at); the entry stays verifiable without them.
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False),  # ledger.seq
+    Column("item", String(100), primary_key=True),
+    Column("salt", String(32)),  # 16 random bytes, hex
+    Column("value", Text),  # the value text committed to (schoolslink.ledger.value_text)
+    Column("erased_at", DateTime(timezone=True)),
+)
+
+ledger_checkpoints = Table(
+    "ledger_checkpoints",
+    metadata,
+    # The RFC 6962 tree head over the first tree_size ledger entries when a run finished; the same document is
+    # written to the external checkpoint store (connectors/storage/checkpoints.py), which verify compares.
+    Column("tree_size", BigInteger, primary_key=True, autoincrement=False),
+    Column("run_id", String(250), primary_key=True),
+    Column("root", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    # the roots of the perfect subtrees at tree_size (JSON list of hex, largest first), so the next checkpoint
+    # reads only the entries after this one
+    Column("frontier", Text, nullable=False),
 )
 
 quarantine = Table(

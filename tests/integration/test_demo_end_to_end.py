@@ -9,7 +9,6 @@ that we wrote, every feed, every log, the Airflow metadata database and the GX r
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ import pytest
 from connectors.fhir.client import FhirClient
 from connectors.fhir.server import MedplumServer
 from schoolslink.constants import OUR_META_SOURCE
+from tests import leakscan
 
 pytestmark = pytest.mark.slow
 RUN_DATE = "2026-11-26"
@@ -58,14 +58,6 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
         yield DemoRun(home, server.base_url, manifest, first, second, out1 + out2)
 
 
-def renderings(value: str, item: str) -> set[str]:
-    v = value.strip()
-    forms = {v, v.upper(), v.lower(), v.replace(" ", "")}
-    if re.fullmatch(r"\d{10}", v):  # NHS number, as people and systems write it
-        forms |= {f"{v[:3]} {v[3:6]} {v[6:]}", f"{v[:3]}-{v[3:6]}-{v[6:]}"}
-    return {f for f in forms if len(f) >= 4}
-
-
 RESOURCE_TYPES = ("Patient", "Organization", "PractitionerRole", "ServiceRequest", "EpisodeOfCare", "Appointment",
                   "Consent", "Observation", "QuestionnaireResponse", "Communication", "DocumentReference")
 
@@ -81,19 +73,6 @@ def _our_resources(base: str) -> list[dict[str, Any]]:
         for rtype in ("Observation", "QuestionnaireResponse", "Communication", "DocumentReference", "Patient"):
             out += [r for r in client.all_resources(rtype) if (r.get("meta") or {}).get("source") == OUR_META_SOURCE]
         return out
-
-
-def _texts(paths: list[Path]) -> dict[str, str]:
-    return {str(p): p.read_bytes().decode("utf-8", "replace") for p in paths if p.is_file()}
-
-
-def _find(haystacks: dict[str, str], needles: dict[str, str]) -> list[str]:
-    hits = []
-    for name, text in haystacks.items():
-        for form, what in needles.items():
-            if form in text:
-                hits.append(f"{what} found in {name}")
-    return hits
 
 
 def test_both_runs_succeed_through_airflow(demo: DemoRun) -> None:
@@ -169,43 +148,34 @@ def test_nothing_leaks_anywhere(demo: DemoRun) -> None:
     to_nhs: dict[str, str] = {}
     to_school: dict[str, str] = {}
     for mk in m["markers"]:
-        for form in renderings(mk["value"], mk["item"]):
+        for form in leakscan.renderings(mk["value"], mk["item"]):
             if mk["where"] in ("nhs", "both"):
                 to_nhs[form] = mk["item"]
             if mk["where"] in ("school", "both"):
                 to_school[form] = mk["item"]
-    # Pupil identities: never in any log or Airflow table, whatever their consent.
-    identities: dict[str, str] = dict.fromkeys(
-        {f for mk in m["markers"] for f in renderings(mk["value"], mk["item"])}, "marker")
-    for c in m["cases"]:
-        for item in ("upn", "nhs_number", "surname", "forename"):
-            for form in renderings(c[item], item):
-                identities[form] = item
-        identities[f"{c['surname'].upper()}^{c['forename'].upper()}"] = "name"
-        identities[c["dob"]] = "dob"
+    # Pupil identities: never in a log, Airflow table, GX result, report or state-store reason, whatever their consent.
+    identities = leakscan.identity_needles(m)
 
     nhs_side = {f"{r['resourceType']}/{r['id']}": json.dumps(r) for r in _our_resources(demo.base)}
     assert nhs_side
-    assert _find(nhs_side, to_nhs) == []
+    assert leakscan.find(nhs_side, to_nhs) == []
     # Values the trust never had (school-side markers, UPNs) are nowhere on its server at all.
     seed_text = "".join(p.read_text() for p in (demo.home / "seed" / "fhir").glob("bundle-*.json"))
     never_at_trust = {form: what for form, what in to_nhs.items() if form not in seed_text}
     assert any(what == "upn" for what in never_at_trust.values())
     whole_server = {f"{r['resourceType']}/{r['id']}": json.dumps(r) for r in _everything(demo.base)}
-    assert _find(whole_server, never_at_trust) == []
+    assert leakscan.find(whole_server, never_at_trust) == []
 
-    feed_files = _texts(sorted((demo.home / "out" / "feeds").rglob("*")))
+    feed_files = leakscan.texts(sorted((demo.home / "out" / "feeds").rglob("*")))
     assert feed_files
-    assert _find(feed_files, to_school) == []
+    assert leakscan.find(feed_files, to_school) == []
 
-    logs = _texts(sorted((demo.home / "logs").rglob("*")) + sorted((demo.home / "airflow").rglob("*.log"))
-                  + [demo.home.parent / "medplum.log"])
-    logs["demo stdout/stderr"] = demo.outputs
-    airflow_db = {"airflow.db": (demo.home / "airflow" / "airflow.db").read_bytes().decode("latin-1")}
-    gx = _texts(sorted((demo.home / "work").rglob("gx/*")))
-    runs_summary = {"run summaries": json.dumps([demo.first, demo.second])}
-    for where in (logs, airflow_db, gx, runs_summary):
-        assert _find(where, identities) == []
+    places = leakscan.places_without_pupil_data(demo.home, extra_logs=[demo.home.parent / "medplum.log"])
+    assert places["logs"] and places["airflow db"] and places["gx"]
+    places["demo stdout/stderr"] = {"demo stdout/stderr": demo.outputs}
+    places["run summaries"] = {"run summaries": json.dumps([demo.first, demo.second])}
+    for where in places.values():
+        assert leakscan.find(where, identities) == []
 
 
 def test_plain_data_only_with_consent_and_no_pupil_files_left_in_the_work_store(
