@@ -51,6 +51,7 @@ from schoolslink.governance.review import (
     retraction_reason,
 )
 from schoolslink.governance.signposting import signposting_for
+from schoolslink.logfilter import remember_names
 from schoolslink.mapping.engine import load_mappings
 from schoolslink.model import Direction, Disclosure
 from schoolslink.pipeline.common import store
@@ -117,6 +118,7 @@ def build_school_feeds(run_id: str, urns: list[str], feed_date: date, at: dateti
         # place: a feed a school can read always has its ledger rows.
         with eng.begin() as conn:
             rows, disclosures, refused, no_agreement, state = _school_rows(conn, run_id, urn, feed_date, agreements)
+            remember_names(r.get(c) for r in rows for c in ("surname", "forename"))  # hidden if ever logged
             totals["corrections"] += sum(1 for r in rows if r["changed"] == "correction")
             staged = _stage_feed(urn, feed_date, rows, agreements, run_id, at)
             ledger.append(conn, disclosures, at)

@@ -28,6 +28,7 @@ from schoolslink.governance.consent import ConsentFacts, allowed_items, decide
 from schoolslink.governance.matching import is_sensitive, live_links, match_pending
 from schoolslink.governance.review import confirmed_for_case
 from schoolslink.keys import learner_identity, learner_key, learner_key_of, learner_match_keys, match_hash, source_key
+from schoolslink.logfilter import remember_names
 from schoolslink.mapping import school_context
 from schoolslink.mapping.engine import MappingError, load_mappings
 from schoolslink.model import Consent, Direction, Learner
@@ -114,6 +115,9 @@ def parse_validate(run_id: str, chunk: dict[str, Any], run_date: date) -> dict[s
                 counts["quarantined"] += quarantine_rows(
                     conn, run_id, file_key, [(q.record, q.field, q.reason) for q in ex.quarantined])
                 ids = ex.source_ids or [None] * len(ex.learners)
+                # The roll's names, so the log filter hides any of them that a log line might carry.
+                remember_names(n for lr in ex.learners for n in (lr.surname, lr.forename, lr.preferred_surname,
+                                                                 lr.preferred_forename, lr.middle_names))
                 for k, (lr, sid) in enumerate(zip(ex.learners, ids, strict=True), start=1):
                     merged[learner_identity(lr.upn, lr.uln)] = (lr, (file_key, k, exported, sid, ex.format))
                 for ident in ex.left:

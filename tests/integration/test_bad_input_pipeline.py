@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import date
 from pathlib import Path
 
+import pytest
 from sqlalchemy import Engine, func, select
 
 from schoolslink.pipeline import ingest
@@ -80,3 +81,24 @@ def test_a_row_removed_from_the_consent_register_stops_counting(sl_home: Path, s
     with store.connect() as conn:
         n = conn.execute(select(func.count()).select_from(consents).where(consents.c.source == "school")).scalar()
     assert n == len(lines) - 2
+
+
+def test_a_name_read_from_an_export_is_hidden_if_a_log_line_ever_carries_it(
+    sl_home: Path, store: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+    import logging
+
+    from schoolslink import logfilter
+
+    synthesise(sl_home, schools=1, pupils=50, seed=4, as_of=DAY)
+    case = json.loads((sl_home / "synth-manifest.json").read_text())["cases"][0]
+    logfilter.forget_names()
+    [chunk] = ingest.plan("run-names", 1)
+    ingest.parse_validate("run-names", chunk, DAY)  # registers the roll's names with the log filter
+    logfilter.install()
+    with caplog.at_level(logging.INFO, logger="schoolslink.test"):
+        logging.getLogger("schoolslink.test").info("a careless line about %s %s", case["forename"], case["surname"])
+    assert "a careless line about <name:" in caplog.text
+    assert case["surname"] not in caplog.text and case["forename"] not in caplog.text
+    logfilter.forget_names()
