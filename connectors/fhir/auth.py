@@ -50,7 +50,6 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Final, Self, TypeAlias, TypedDict, Unpack
 from urllib.parse import quote, urlsplit
@@ -62,6 +61,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from connectors.fhir.errors import FhirError, FhirPermanentError, FhirTransientError
 from connectors.fhir.tls import tls_verify as _ssl_verify
+from connectors.retry_after import retry_after_seconds
 
 __all__ = [
     "CLIENT_ASSERTION_TYPE",
@@ -178,22 +178,6 @@ def _check_token_url(token_url: str) -> str:
 def _url_for_message(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
-
-
-def _retry_after_seconds(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError, IndexError):
-            return None
-    if not math.isfinite(seconds):
-        return None
-    return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,7 +329,7 @@ class _OAuth2ClientCredentialsBase(httpx.Auth):
                         f"{where} refused: {summary}", status=status, error=error, error_description=description
                     )
                 failure = f"{where} failed: {summary}"
-                retry_after = _retry_after_seconds(response)
+                retry_after = retry_after_seconds(response.headers.get("retry-after"), RETRY_AFTER_CAP_S)
             if attempt >= self.max_retries:
                 raise FhirAuthUnavailableError(
                     f"{failure}; gave up after {attempt + 1} attempt(s)",

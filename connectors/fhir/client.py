@@ -35,7 +35,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any, Final, TypeAlias
 from urllib.parse import quote, urlsplit
 
@@ -49,6 +48,7 @@ from connectors.fhir.errors import (
     FhirTransientError,
 )
 from connectors.fhir.tls import tls_verify
+from connectors.retry_after import retry_after_seconds
 
 __all__ = ["MAX_TRANSACTION", "EntryResult", "FhirClient", "JsonDict", "QueryParams", "tls_verify"]
 
@@ -184,22 +184,6 @@ def _response_summary(response: httpx.Response) -> str:
     return f"HTTP {response.status_code}" + (f" ({summary})" if summary else "")
 
 
-def _retry_after_seconds(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return min(float(value), RETRY_AFTER_CAP_S)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return min(max(0.0, (when - datetime.now(UTC)).total_seconds()), RETRY_AFTER_CAP_S)
-
-
 def _identifier_query(resource: JsonDict) -> str | None:
     """``identifier=system|value`` from a resource's first identifier (URL-encoded), or None."""
     for ident in resource.get("identifier") or []:
@@ -332,7 +316,7 @@ class FhirClient:
                 if status not in _TRANSIENT_4XX and status < 500:
                     raise FhirPermanentError(f"{what}: {_response_summary(response)}", status=status)
                 failure = f"{what}: {_response_summary(response)}"
-                retry_after = _retry_after_seconds(response)
+                retry_after = retry_after_seconds(response.headers.get("retry-after"), RETRY_AFTER_CAP_S)
             if attempt >= self.max_retries:
                 raise FhirTransientError(f"{failure}; gave up after {attempt + 1} attempt(s)", status=status) from None
             delay = self._backoff(attempt, retry_after)

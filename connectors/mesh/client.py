@@ -38,7 +38,6 @@ What this adds to mesh_client, and why:
 from __future__ import annotations
 
 import datetime as dt
-import email.utils
 import hashlib
 import io
 import logging
@@ -57,6 +56,7 @@ import requests
 from mesh_client import MeshClient, Message, try_get_endpoint_from_url
 
 from connectors.mesh.errors import MeshAuthError, MeshError, MeshPermanentError, MeshTransientError
+from connectors.retry_after import retry_after_seconds
 
 __all__ = [
     "WORKFLOW_CONTEXT",
@@ -78,6 +78,7 @@ WORKFLOW_CONTEXT_ACK: Final = "SCHOOLSLINK_CONTEXT_ACK"
 CLIENT_CERT_REFUSED: Final = "the MESH server refused our TLS client certificate"
 SERVER_CERT_UNVERIFIED: Final = "we could not verify the MESH server's TLS certificate against our CA bundle"
 _LOOPBACK: Final = frozenset({"127.0.0.1", "localhost", "::1"})
+RETRY_AFTER_CAP_S: Final = 300.0  # a longer Retry-After is waited for this long: a task must not hang for hours
 _TRANSIENT_STATUS: Final = frozenset({408, 425, 429, 500, 502, 503, 504})
 # OpenSSL alert reasons a server sends when it will not take our certificate (a server that says so, rather
 # than just closing the connection).
@@ -259,24 +260,6 @@ class _Failure:
     error: MeshError
     retry_after: float | None = None
     reached_server: bool = True  # False: no connection was made, so nothing can have been accepted
-
-
-def _retry_after(response: requests.Response | None) -> float | None:
-    if response is None:
-        return None
-    raw = response.headers.get("Retry-After")
-    if not raw:
-        return None
-    raw = raw.strip()
-    if raw.isdigit():
-        return float(raw)
-    try:
-        when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
 
 
 def _chain_text(exc: BaseException) -> str:
@@ -533,7 +516,9 @@ class MeshConnector:
                                               reason="MESH refused the mailbox's credentials"))
             if status in _TRANSIENT_STATUS or status >= 500:
                 return _Failure(MeshTransientError(operation, mailbox, status=status, message_id=message_id),
-                                retry_after=_retry_after(exc.response))
+                                retry_after=retry_after_seconds(
+                                    exc.response.headers.get("Retry-After") if exc.response is not None else None,
+                                    RETRY_AFTER_CAP_S))
             return _Failure(MeshPermanentError(operation, mailbox, status=status, message_id=message_id))
         text = _chain_text(exc)
         if "CERTIFICATE_VERIFY_FAILED" in text or isinstance(exc, ssl.SSLCertVerificationError):

@@ -101,7 +101,6 @@ ConfigurationError when a document is read.
 from __future__ import annotations
 
 import datetime as dt
-import email.utils
 import ipaddress
 import json
 import logging
@@ -128,6 +127,7 @@ from connectors.mis.base import (
     sen_codes,
 )
 from connectors.mis.errors import FileRefused, MisInputError
+from connectors.retry_after import retry_after_seconds
 from schoolslink.errors import ConfigurationError
 from schoolslink.identifiers import is_valid_uln, is_valid_upn
 from schoolslink.mapping.engine import CompiledMapping, MappingError, MappingSet, load_mappings
@@ -181,24 +181,6 @@ def _origin(scheme: str, host: str, port: int | None) -> tuple[str, str, int]:
 def _utc(value: dt.datetime) -> dt.datetime:
     """An aware UTC datetime; a naive one is taken to be UTC."""
     return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (whole or decimal seconds, or an HTTP date), or None."""
-    if value is None:
-        return None
-    v = value.strip()
-    try:
-        seconds = float(v)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(v)
-        except (TypeError, ValueError, IndexError):
-            return None
-        seconds = (_utc(when) - dt.datetime.now(dt.UTC)).total_seconds()
-    if seconds != seconds:  # NaN
-        return None
-    return min(max(seconds, 0.0), RETRY_AFTER_CAP)
 
 
 class WondeClient:
@@ -398,7 +380,7 @@ class WondeClient:
                     raise WondeError(f"Wonde answered HTTP {status} to the {endpoint} request for school "
                                      f"{school_id}; not retried", status=status)
                 what = f"got HTTP {status}"
-                retry_after = _retry_after(resp.headers.get("Retry-After"))
+                retry_after = retry_after_seconds(resp.headers.get("Retry-After"), RETRY_AFTER_CAP)
             if attempt >= self._max_retries:
                 raise WondeError(f"the {endpoint} request for school {school_id} {what}, still after "
                                  f"{self._max_retries} retries; try again later", status=status)

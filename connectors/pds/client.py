@@ -29,6 +29,7 @@ import httpx
 
 from connectors.pds.errors import PdsPermanentError, PdsRequestError, PdsTransientError
 from connectors.pds.trace import PdsCandidate, candidate_of_patient, candidates_of_bundle, error_of_outcome
+from connectors.retry_after import retry_after_seconds
 
 __all__ = ["ENV_AUTH", "ENV_URL", "PdsFhirClient"]
 
@@ -173,7 +174,7 @@ class PdsFhirClient:
                 failure = error_of_outcome(what, response.status_code, _json_or_none(response))
                 if not isinstance(failure, PdsTransientError):
                     raise failure
-                retry_after = _retry_after(response)
+                retry_after = retry_after_seconds(response.headers.get("retry-after"), RETRY_AFTER_CAP_S)
             if attempt >= self.max_retries:
                 raise failure
             delay = self._backoff(attempt, retry_after)
@@ -195,8 +196,3 @@ def _json_object(response: httpx.Response, what: str) -> dict[str, Any]:
         raise PdsPermanentError(f"{what}: HTTP {response.status_code} but the body is not a JSON object",
                                 status=response.status_code)
     return body
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after", "").strip()
-    return min(float(value), RETRY_AFTER_CAP_S) if value.isdigit() else None
