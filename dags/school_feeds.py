@@ -46,7 +46,7 @@ def school_feeds() -> None:
         from schoolslink.pipeline import feed_delivery
 
         run_id, run_date, _ = airflow_glue.run_facts()
-        return feed_delivery.deliver(run_id, run_date, lookup=airflow_glue.airflow_connection)
+        return feed_delivery.deliver(run_id, run_date)  # Connections through Airflow (set by run_facts)
 
     @task
     def purge_values() -> dict[str, int]:

@@ -53,9 +53,9 @@ def run_facts() -> tuple[str, date, datetime]:
     logfilter.install()
     from airflow.sdk import get_current_context
 
-    from schoolslink.endpoints import use_connection_lookup
+    from schoolslink.connections import use_lookup
 
-    use_connection_lookup(airflow_connection)
+    use_lookup(airflow_connection)
     ctx: Any = get_current_context()
     run_id = str(ctx["run_id"])
     when = ctx.get("logical_date") or ctx["dag_run"].run_after

@@ -21,20 +21,21 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 from connectors.fhir.client import FhirClient
 from connectors.fhir.pull import DEFAULT_OVERLAP
+from schoolslink import connections
+from schoolslink.connections import ConnectionLookup
 from schoolslink.errors import ConfigurationError
 from schoolslink.settings import home
 
 __all__ = ["FhirEndpoint", "connection_id", "fhir_base", "fhir_endpoint", "use_connection_lookup",
            "write_endpoints"]
 
-ConnectionLookup = Callable[[str], "dict[str, Any] | None"]
 WRITE_MODES = ("put", "conditional")
 
 
@@ -42,33 +43,9 @@ def connection_id(trust_ods: str) -> str:
     return f"schoolslink_fhir_{trust_ods.lower()}"
 
 
-def _env_connection(conn_id: str) -> dict[str, Any] | None:
-    """Airflow's environment form of a Connection (JSON), read without Airflow."""
-    raw = os.environ.get(f"AIRFLOW_CONN_{conn_id.upper()}")
-    if not raw:
-        return None
-    try:
-        doc = json.loads(raw)
-    except json.JSONDecodeError:
-        raise ConfigurationError(f"AIRFLOW_CONN_{conn_id.upper()} is not Airflow's JSON connection form; "
-                                 "write it as JSON with host, login, password and extra") from None
-    if not isinstance(doc, dict):
-        raise ConfigurationError(f"AIRFLOW_CONN_{conn_id.upper()} must be a JSON object")
-    extra = doc.get("extra") or {}
-    if isinstance(extra, str):
-        extra = json.loads(extra) if extra else {}
-    return {"host": doc.get("host"), "login": doc.get("login"), "password": doc.get("password"),
-            "schema": doc.get("schema"), "port": doc.get("port"), "extra": extra}
-
-
-_lookup: ConnectionLookup = _env_connection
-
-
-def use_connection_lookup(lookup: ConnectionLookup | None) -> None:
-    """Called by the Airflow layer (schoolslink/airflow_glue.py) so lookups go through Airflow; None restores
-    the environment-only lookup."""
-    global _lookup
-    _lookup = lookup or _env_connection
+def use_connection_lookup(fn: ConnectionLookup | None) -> None:
+    """Called by the Airflow layer so lookups go through Airflow; None restores the environment lookup."""
+    connections.use_lookup(fn)
 
 
 @dataclass(frozen=True)
@@ -163,7 +140,10 @@ def _from_connection(trust_ods: str, conn: Mapping[str, Any]) -> FhirEndpoint:
 
 def fhir_endpoint(trust_ods: str) -> FhirEndpoint | None:
     """The trust's endpoint, or None when none is configured (its records wait, quarantined with a reason)."""
-    conn = _lookup(connection_id(trust_ods))
+    conn = connections.lookup(connection_id(trust_ods))
+    if conn is not None and conn.get("form") == "uri":  # a URL inside a URL: ambiguous, so refused
+        raise ConfigurationError(f"AIRFLOW_CONN_{connection_id(trust_ods).upper()} is not Airflow's JSON connection "
+                                 "form; write it as JSON with host, login, password and extra")
     if conn is not None:
         return _from_connection(trust_ods, conn)
     env = os.environ.get(f"SCHOOLSLINK_FHIR_BASE_{trust_ods}")

@@ -105,7 +105,7 @@ class IncrementalPull:
 
     def since(self) -> str | None:
         """The ``_lastUpdated=ge`` value this pull searches from."""
-        if self._wm_time is None or self.state.watermark is None:
+        if self.state.watermark is None:
             return None
         if not self.overlap:
             return self.state.watermark

@@ -39,11 +39,12 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 import yaml
 
 from connectors.email import EmailError, SmtpSettings, send_feed_ready
+from schoolslink import connections
+from schoolslink.connections import ConnectionLookup
 from schoolslink.errors import ConfigurationError
 from schoolslink.pipeline.common import quarantine_rows, store
 from schoolslink.settings import feeds_dir, home
@@ -53,7 +54,6 @@ log = logging.getLogger(__name__)
 CONFIG_ENV: Final = "SCHOOLSLINK_FEED_DELIVERY"
 MANIFEST: Final = "manifest.json"
 TARGETS: Final = ("folder", "s3", "sftp")
-ConnectionLookup = Callable[[str], "dict[str, Any] | None"]
 
 _SCHOOL_KEYS: Final = {"name", "notify_email", *TARGETS}
 _TARGET_KEYS: Final = {
@@ -439,37 +439,16 @@ def _with_retries(fn: Callable[[], str], cfg: DeliveryConfig, what: str) -> str:
 # The stage -------------------------------------------------------------------------------------------------
 
 
-def _env_connection(conn_id: str) -> dict[str, Any] | None:
-    """An Airflow Connection from the environment (`AIRFLOW_CONN_<ID>`, JSON or URI form), read without Airflow,
-    so the CLI and tests see what a task sees."""
-    raw = os.environ.get(f"AIRFLOW_CONN_{conn_id.upper()}")
-    if not raw:
-        return None
-    if raw.lstrip().startswith("{"):
-        try:
-            doc = json.loads(raw)
-        except json.JSONDecodeError:
-            raise ConfigurationError(f"AIRFLOW_CONN_{conn_id.upper()} is not valid JSON") from None
-        extra = doc.get("extra") or {}
-        if isinstance(extra, str):
-            extra = json.loads(extra) if extra else {}
-        return {"login": doc.get("login"), "password": doc.get("password"), "host": doc.get("host"),
-                "extra": extra}
-    u = urlsplit(raw)
-    return {"login": unquote(u.username or ""), "password": unquote(u.password or ""), "host": u.hostname,
-            "extra": dict(parse_qsl(u.query))}
-
-
 def deliver(run_id: str, feed_date: date, lookup: ConnectionLookup | None = None,
             config: DeliveryConfig | None = None) -> dict[str, int]:
     """Deliver tonight's feed of every configured school that has one; counts only (never pupil data).
 
-    `lookup` finds Airflow Connections (the Airflow layer passes its own); outside Airflow the environment's
-    `AIRFLOW_CONN_<ID>` is read."""
+    `lookup` finds Airflow Connections (default: `schoolslink.connections.lookup`, Airflow's own inside a task,
+    the environment's `AIRFLOW_CONN_<ID>` outside)."""
     cfg = config or load_config()
     if cfg is None:
         return {"feed_delivery_configured": 0}
-    lookup = lookup or _env_connection
+    lookup = lookup or connections.lookup
     counts = {"feed_delivery_configured": len(cfg.schools), "feed_delivered": 0, "feed_delivery_failed": 0,
               "feed_delivery_no_feed": 0, "feed_ready_emails": 0, "feed_ready_email_failed": 0}
     for school in cfg.schools:
