@@ -1,14 +1,23 @@
-"""Keyed pseudonyms and deterministic ids.
+"""Keys: the id key names things, the pseudonym key makes what auditors and other parties see.
 
-The key lives outside the database: `SCHOOLSLINK_KEY` (hex or any string) in the environment, or
-else a key file under `SCHOOLSLINK_HOME/secrets/pseudonym.key`, created on first use with mode 0600.
-The same key always gives the same pseudonyms and resource ids, so a re-run yields the same resources
-and the ids reveal nothing without the key.
+Two keys, both outside the database (docs/audit-ledger.md, "Keys"):
 
-Key versions (docs/audit-ledger.md): `SCHOOLSLINK_KEY_VERSION` (default "1") names the current key, and each ledger
-entry records it, so an auditor knows which key made the entry's subject pseudonym. After a rotation the keys
-still held are listed in `SCHOOLSLINK_KEY_PREVIOUS` as `version:key,version:key` (keys without `,`; hex is
-best); a query by subject tries every key held (`subject_keys_for_upn`). Verifying the ledger needs no key.
+- **The id key** (`SCHOOLSLINK_ID_KEY`) derives our FHIR resource ids and every keyed column of the state store:
+  learner, patient and source keys, match hashes and match keys. The same key always gives the same ids, so a
+  re-run yields the same resources. It names the trust's copies of our resources, so it is not rotated on a
+  schedule. Where it is not set, the first pseudonym key (version "1") stands in for it: the pseudonym key itself
+  until the first rotation, and afterwards the version-1 key kept in `SCHOOLSLINK_KEY_PREVIOUS`.
+- **The pseudonym key** (`SCHOOLSLINK_KEY`, else `SCHOOLSLINK_HOME/secrets/pseudonym.key`) makes the subject
+  pseudonyms the ledger records (`ledger_subject`: a keyed hash of the state store's key) and the log filter's
+  tokens. It is versioned and rotated freely: `SCHOOLSLINK_KEY_VERSION` (default "1") names it and each ledger
+  entry records it; the keys still held after a rotation are listed in `SCHOOLSLINK_KEY_PREVIOUS` as
+  `version:key,version:key`; a query by subject tries every key held (`subject_keys_for_upn`). Rotating it
+  changes nothing in the state store and no resource id. Verifying the ledger needs no key at all.
+
+Every setting is read from the environment; with `SCHOOLSLINK_SECRETS=airflow` one missing there is read from the
+secrets backend configured for Airflow (`[secrets] backend`: AWS Secrets Manager, HashiCorp Vault, ...) as the
+Variable of the same name in lower case (`schoolslink_key`, `schoolslink_id_key`, ...), never from Airflow's
+metadata database.
 """
 
 from __future__ import annotations
@@ -28,47 +37,95 @@ from schoolslink.identifiers import is_valid_nhs_number
 from schoolslink.settings import home
 
 
-@lru_cache(maxsize=4)
-def _load_key(env_value: str | None, path: str) -> bytes:
-    if env_value:
-        return env_value.encode()
-    p = Path(path)
+class KeyConfigError(ValueError):
+    """A key is missing or misconfigured: said in words an operator acts on, never quoting a key."""
+
+
+def setting(name: str) -> str:
+    """A key setting: the environment variable `name`, else (with `SCHOOLSLINK_SECRETS=airflow`) Airflow's custom
+    secrets backend's Variable `name.lower()`; '' if neither has it."""
+    value = os.environ.get(name, "").strip()
+    if value or os.environ.get("SCHOOLSLINK_SECRETS", "").strip().lower() != "airflow":
+        return value
+    return _from_secrets_backend(name.lower())
+
+
+@lru_cache(maxsize=16)
+def _from_secrets_backend(variable: str) -> str:
+    from airflow.sdk.configuration import get_custom_secret_backend  # only when configured: Airflow is heavy
+
+    backend = get_custom_secret_backend()
+    if backend is None:
+        raise KeyConfigError("SCHOOLSLINK_SECRETS=airflow, but Airflow has no secrets backend configured "
+                           "([secrets] backend); set one, or set the keys in the environment")
+    return str(backend.get_variable(variable) or "").strip()
+
+
+def _key_file(p: Path) -> bytes:
+    """The key in file `p`, made (random, mode 0600) on first use: for development and the demo."""
     if not p.exists():
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first: read theirs
+            return p.read_text().strip().encode()
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
     return p.read_text().strip().encode()
 
 
 def key() -> bytes:
-    env = os.environ.get("SCHOOLSLINK_KEY")
+    """The pseudonym key in force (version `key_version()`)."""
+    env = setting("SCHOOLSLINK_KEY")
     if env:
-        return _load_key(env, "")
+        return env.encode()
     return _key_for_home(os.environ.get("SCHOOLSLINK_HOME", ""))
 
 
 @lru_cache(maxsize=4)
 def _key_for_home(_home_env: str) -> bytes:
-    return _load_key(None, str(home() / "secrets" / "pseudonym.key"))
+    return _key_file(home() / "secrets" / "pseudonym.key")
+
+
+def id_key() -> bytes:
+    """The id key: resource ids and the state store's keyed columns. `SCHOOLSLINK_ID_KEY`; where that is not set,
+    the first pseudonym key (version "1": the key in force if no rotation has happened yet, else the one kept in
+    `SCHOOLSLINK_KEY_PREVIOUS`), so a rotation of the pseudonym key never changes it."""
+    env = setting("SCHOOLSLINK_ID_KEY")
+    if env:
+        return env.encode()
+    if key_version() == FIRST_VERSION:
+        return key()
+    for version, k in previous_keys():
+        if version == FIRST_VERSION:
+            return k
+    raise KeyConfigError("SCHOOLSLINK_ID_KEY is not set and the first pseudonym key (version 1), which stands in "
+                         "for it, is not held in SCHOOLSLINK_KEY_PREVIOUS: set SCHOOLSLINK_ID_KEY to that key "
+                         "(docs/audit-ledger.md, Keys)")
+
+
+FIRST_VERSION = "1"
 
 
 def key_version() -> str:
     """The version name of the current pseudonym key (`SCHOOLSLINK_KEY_VERSION`, default "1")."""
-    return os.environ.get("SCHOOLSLINK_KEY_VERSION", "").strip() or "1"
+    return setting("SCHOOLSLINK_KEY_VERSION") or FIRST_VERSION
 
 
-def previous_keys() -> list[tuple[str, bytes]]:
-    """Earlier keys still held after a rotation, from `SCHOOLSLINK_KEY_PREVIOUS` ("v1:key,v2:key"), newest last
-    as listed. A malformed item (no version or no key) is refused, naming its position only."""
-    raw = os.environ.get("SCHOOLSLINK_KEY_PREVIOUS", "").strip()
+def _versioned(raw: str, name: str) -> list[tuple[str, bytes]]:
     out: list[tuple[str, bytes]] = []
     for i, item in enumerate(p.strip() for p in raw.split(",") if p.strip()):
         version, sep, k = item.partition(":")
         if not sep or not version.strip() or not k.strip():
-            raise ValueError(f"SCHOOLSLINK_KEY_PREVIOUS item {i + 1}: expected version:key")
+            raise KeyConfigError(f"{name} item {i + 1}: expected version:key")
         out.append((version.strip(), k.strip().encode()))
     return out
+
+
+def previous_keys() -> list[tuple[str, bytes]]:
+    """Earlier pseudonym keys still held after a rotation, from `SCHOOLSLINK_KEY_PREVIOUS` ("v1:key,v2:key"). A
+    malformed item (no version or no key) is refused, naming its position only."""
+    return _versioned(setting("SCHOOLSLINK_KEY_PREVIOUS"), "SCHOOLSLINK_KEY_PREVIOUS")
 
 
 def held_keys() -> list[tuple[str, bytes]]:
@@ -77,20 +134,56 @@ def held_keys() -> list[tuple[str, bytes]]:
     return [(current, key()), *((v, k) for v, k in previous_keys() if v != current)]
 
 
+def held_id_keys() -> list[bytes]:
+    """The id key, then any earlier id keys listed in `SCHOOLSLINK_ID_KEY_PREVIOUS` ("v1:key,..."): kept only so
+    the ledger can still be searched by UPN or NHS number for entries made before an id key was replaced."""
+    first = id_key()
+    return [first, *(k for _v, k in _versioned(setting("SCHOOLSLINK_ID_KEY_PREVIOUS"), "SCHOOLSLINK_ID_KEY_PREVIOUS")
+                     if k != first)]
+
+
 def _pseudonym_with(k: bytes, kind: str, value: str, length: int = 20) -> str:
     digest = hmac.new(k, f"{kind}\x1f{value}".encode(), hashlib.sha256).hexdigest()
     return f"{kind[:3]}-{digest[:length]}"
 
 
 def pseudonym(kind: str, value: str, length: int = 20) -> str:
-    """A keyed pseudonym for `value` of `kind` (e.g. 'upn', 'nhs'), safe to log and to send."""
-    return _pseudonym_with(key(), kind, value, length)
+    """A keyed pseudonym for `value` of `kind` (e.g. 'upn', 'nhs') under the id key: what the state store keeps."""
+    return _pseudonym_with(id_key(), kind, value, length)
+
+
+def _ledger_subject_with(k: bytes, state_key: str) -> str:
+    kind, sep, _ = state_key.partition("-")
+    prefix = kind if sep and len(kind) == 3 and kind.isalpha() else "sub"
+    digest = hmac.new(k, f"ledger-subject\x1f{state_key}".encode(), hashlib.sha256).hexdigest()
+    return f"{prefix}-{digest[:24]}"
+
+
+def ledger_subject(state_key: str) -> str:
+    """The subject pseudonym the ledger records for a state store key (`lrn-…`, `pat-…`), under the pseudonym key
+    in force: the ledger and everything made from it (queries, reports, AuditEvents) never show a state key."""
+    return _ledger_subject_with(key(), state_key)
+
+
+def ledger_subjects(state_key: str) -> list[tuple[str, str]]:
+    """The ledger subject of a state key under every pseudonym key held, as (key version, subject)."""
+    return [(v, _ledger_subject_with(k, state_key)) for v, k in held_keys()]
+
+
+def learner_keys_for_identity(identity: str) -> list[str]:
+    """The learner key of an identity (UPN, or 'ULN:' + ULN) under every id key held, the current one first."""
+    return [_pseudonym_with(k, "lrn", identity.strip().upper()) for k in held_id_keys()]
+
+
+def patient_keys_for_nhs_number(nhs_number: str) -> list[str]:
+    """The patient key of an NHS number under every id key held, the current one first."""
+    return [_pseudonym_with(k, "pat", nhs_number.replace(" ", "")) for k in held_id_keys()]
 
 
 def subject_keys_for_upn(upn: str) -> list[tuple[str, str]]:
-    """The learner key of `upn` under every key held, as (key version, learner key): what a query of the ledger
-    by subject must look for (an entry's `key_version` says which one made its `subject_key`)."""
-    return [(v, _pseudonym_with(k, "lrn", upn.strip().upper())) for v, k in held_keys()]
+    """The ledger subjects of `upn` under every key held, as (key version, subject): what a query of the ledger by
+    subject must look for (an entry's `key_version` says which pseudonym key made its `subject_key`)."""
+    return [vs for lk in learner_keys_for_identity(upn) for vs in ledger_subjects(lk)]
 
 
 def subject_keys_for_identity(upn: str | None, uln: str | None) -> list[tuple[str, str]]:
@@ -99,8 +192,8 @@ def subject_keys_for_identity(upn: str | None, uln: str | None) -> list[tuple[st
 
 
 def patient_keys_for_nhs(nhs_number: str) -> list[tuple[str, str]]:
-    """The patient key of an NHS number under every key held, as (key version, patient key)."""
-    return [(v, _pseudonym_with(k, "pat", nhs_number.replace(" ", ""))) for v, k in held_keys()]
+    """The ledger subjects of an NHS number's patient key under every key held, as (key version, subject)."""
+    return [vs for pk in patient_keys_for_nhs_number(nhs_number) for vs in ledger_subjects(pk)]
 
 
 def learner_key(upn: str) -> str:
@@ -133,7 +226,7 @@ def patient_key(nhs_number: str) -> str:
 
 def resource_id(*parts: str) -> str:
     """A deterministic FHIR id (<= 64 chars, [A-Za-z0-9-.]) from our own source keys."""
-    digest = hmac.new(key(), "\x1f".join(parts).encode(), hashlib.sha256).hexdigest()
+    digest = hmac.new(id_key(), "\x1f".join(parts).encode(), hashlib.sha256).hexdigest()
     return f"sl-{digest[:40]}"
 
 
@@ -142,7 +235,7 @@ def match_hash(school_urn: str, surname: str, forename: str, dob_iso: str) -> st
     norm = "|".join(
         (school_urn.strip(), _norm_name(surname), _norm_name(forename), dob_iso.strip())
     )
-    return hmac.new(key(), f"match\x1f{norm}".encode(), hashlib.sha256).hexdigest()[:32]
+    return hmac.new(id_key(), f"match\x1f{norm}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def _norm_name(s: str) -> str:
@@ -165,7 +258,7 @@ def match_key(kind: str, school_urn: str, value: str) -> str:
 def match_keyer(school_urn: str) -> Callable[[str, str], str]:
     """`match_key` for one school, `(kind, value) -> key`: HMAC-SHA256 (RFC 2104) with the inner and outer hash
     states for the key and school prepared once, since a roll is keyed by the thousand."""
-    inner, outer = _match_key_states(key(), school_urn.strip())
+    inner, outer = _match_key_states(id_key(), school_urn.strip())
 
     def keyed(kind: str, value: str) -> str:
         h = inner.copy()

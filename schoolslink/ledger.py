@@ -28,6 +28,7 @@ import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Connection, func, insert, select, update
@@ -206,6 +207,7 @@ def append(conn: Connection, disclosures: Iterable[Disclosure], at: datetime) ->
     prev = _lock_head(conn)
     env_task = os.environ.get("AIRFLOW_CTX_TASK_ID", "")
     key_version = keys.key_version()
+    subject = lru_cache(maxsize=4096)(keys.ledger_subject)  # a pupil's several items share one subject
     rows: list[dict[str, Any]] = []
     opened: list[list[dict[str, Any]]] = []
     for d in disclosures:
@@ -221,7 +223,7 @@ def append(conn: Connection, disclosures: Iterable[Disclosure], at: datetime) ->
             "dag_id": d.dag_id,
             "direction": d.direction.value,
             "recipient": d.recipient,
-            "subject_key": d.subject_key,
+            "subject_key": subject(d.subject_key),
             "data_items": ",".join(sorted(d.data_items)),
             "agreement_id": d.agreement_id,
             "agreement_version": d.agreement_version,
@@ -253,12 +255,18 @@ def append(conn: Connection, disclosures: Iterable[Disclosure], at: datetime) ->
     return len(rows)
 
 
+def subjects_of(state_key: str) -> list[str]:
+    """What the ledger's `subject_key` may hold for a state store key: its subject under every pseudonym key held."""
+    return [s for _v, s in keys.ledger_subjects(state_key)]
+
+
 def last_agreement(conn: Connection, subject_key: str, recipient: str,
                    content_hash: str | None = None) -> tuple[str, str]:
     """The agreement (id, version) of the latest disclosure to `recipient` about `subject_key` (with that
     content hash, if one is given and found): what a retraction of it records. ("none", "-") if none."""
     q = (select(ledger.c.agreement_id, ledger.c.agreement_version)
-         .where(ledger.c.subject_key == subject_key, ledger.c.recipient == recipient, ledger.c.data_items != RETRACTION)
+         .where(ledger.c.subject_key.in_(subjects_of(subject_key)), ledger.c.recipient == recipient,
+                ledger.c.data_items != RETRACTION)
          .order_by(ledger.c.seq.desc()).limit(1))
     hit = conn.execute(q.where(ledger.c.content_hash == content_hash)).first() if content_hash else None
     hit = hit or conn.execute(q).first()

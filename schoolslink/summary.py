@@ -46,6 +46,7 @@ from sqlalchemy import Connection, select
 
 from schoolslink import settings
 from schoolslink.governance.agreement import Agreement, load_agreements
+from schoolslink.ledger import subjects_of as ledger_subjects_of
 from schoolslink.mapping.engine import load_mappings
 from schoolslink.pipeline.common import store
 from schoolslink.store.schema import (
@@ -362,6 +363,7 @@ def _changes(conn: Connection, first: date, last: date, by_patient: dict[tuple[s
         patient_ref = learner_patient.get((learner, trust))
         if patient_ref is None:
             continue
+        subject_feeds: list[datetime] | None = None  # the feeds that carried the pupil (ledger subjects: any key held)
         # every stored trust row about the pupil's referrals, grouped by the sync run that stored it: one change
         rows_by_run: dict[str, list[datetime | None]] = defaultdict(list)
         for ref in by_patient.get((trust, patient_ref), []):
@@ -378,7 +380,9 @@ def _changes(conn: Connection, first: date, last: date, by_patient: dict[tuple[s
             if changed_at is None or not start <= changed_at < end:
                 continue
             from_ = run_start or changed_at
-            feeds = carried.get((f"URN:{urn}", learner), [])
+            feeds = subject_feeds if subject_feeds is not None else sorted(
+                t for subject in ledger_subjects_of(learner) for t in carried.get((f"URN:{urn}", subject), []))
+            subject_feeds = feeds
             i = bisect.bisect_left(feeds, from_)
             out.append(ChangeFact(trust, urn, changed_at, exact, feeds[i] if i < len(feeds) else None))
     return out

@@ -2,7 +2,7 @@
 
 The auditor names the child by NHS number or UPN. Neither is in the ledger: entries carry the keyed pseudonym
 the pipeline made (schoolslink/keys.py), so the identifier is checked (check digit, check letter), keyed the same
-way (every key version keys.py offers), and then forgotten: it is never stored, logged, printed or echoed in an
+way (under every id key and pseudonym key version keys.py holds), and then forgotten: it is never stored, logged, printed or echoed in an
 error message. Which ledger subjects belong to the child:
 
 * a UPN: its learner key; a learner renumbered to or from it (learner_events 'renumbered'); and the trust
@@ -136,19 +136,18 @@ def check_nhs_number(text: str) -> str:
 
 
 def upn_keys(upn: str) -> set[str]:
-    """The learner key of a checked UPN under every pseudonym key held (keys.py: current and previous versions)."""
-    every = getattr(keys, "subject_keys_for_upn", None)
-    if callable(every):
-        return {str(k) for _version, k in every(upn)}
-    return {keys.learner_key(upn)}
+    """The learner key (state store) of a checked UPN under every id key held (keys.py)."""
+    return set(keys.learner_keys_for_identity(upn))
 
 
 def nhs_keys(nhs: str) -> set[str]:
-    """The patient key of a checked NHS number under every pseudonym key held."""
-    every = getattr(keys, "patient_keys_for_nhs", None)
-    if callable(every):
-        return {str(k) for _version, k in every(nhs)}
-    return {keys.patient_key(nhs)}
+    """The patient key (state store) of a checked NHS number under every id key held."""
+    return set(keys.patient_keys_for_nhs_number(nhs))
+
+
+def ledger_subjects(state_keys: Iterable[str]) -> frozenset[str]:
+    """What the ledger records for these state keys: their subject pseudonyms under every pseudonym key held."""
+    return frozenset(s for k in state_keys for _v, s in keys.ledger_subjects(k))
 
 
 def _chunks(values: Iterable[str]) -> Iterable[list[str]]:
@@ -171,7 +170,8 @@ def _renumbered(conn: Connection, learner_keys: set[str]) -> set[str]:
 def subject_for_upn(conn: Connection, text: str) -> Subject:
     upn = check_upn(text)
     lks = upn_keys(upn)
-    via = [f"the UPN keyed as the pipeline keys it ({len(lks)} key version(s))"]
+    via = [f"the UPN keyed as the pipeline keys it ({len(lks)} id key(s), {len(keys.held_keys())} pseudonym key "
+           "version(s))"]
     more = _renumbered(conn, lks)
     if more:
         via.append(f"{len(more)} learner record(s) renumbered to or from it")
@@ -181,13 +181,14 @@ def subject_for_upn(conn: Connection, text: str) -> Subject:
         pks.update(r for (r,) in conn.execute(select(links.c.patient_key).where(links.c.learner_key.in_(part))))
     if pks:
         via.append(f"{len(pks)} trust patient(s) linked to the learner")
-    return Subject("upn", frozenset(lks | pks), tuple(via))
+    return Subject("upn", ledger_subjects(lks | pks), tuple(via))
 
 
 def subject_for_nhs_number(conn: Connection, text: str) -> Subject:
     nhs = check_nhs_number(text)
     pks = nhs_keys(nhs)
-    via = [f"the NHS number keyed as the pipeline keys it ({len(pks)} key version(s))"]
+    via = [f"the NHS number keyed as the pipeline keys it ({len(pks)} id key(s), {len(keys.held_keys())} pseudonym "
+           "key version(s))"]
     linked: set[str] = set()
     withdrawn = 0
     for part in _chunks(pks):
@@ -209,7 +210,7 @@ def subject_for_nhs_number(conn: Connection, text: str) -> Subject:
     more = _renumbered(conn, lks) if lks else set()
     if more:
         via.append(f"{len(more)} learner record(s) renumbered to or from those")
-    return Subject("nhs_number", frozenset(pks | lks | more), tuple(via))
+    return Subject("nhs_number", ledger_subjects(pks | lks | more), tuple(via))
 
 
 def subject_for_key(text: str) -> Subject:

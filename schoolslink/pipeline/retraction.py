@@ -130,7 +130,7 @@ def _send_to(eng: Engine, endpoint: FhirEndpoint, dest: str, trust: str, rows: l
 
 
 def _in_ledger(conn: Connection, row: dict[str, Any], h: str) -> bool:
-    q = select(ledger_table.c.seq).where(ledger_table.c.subject_key == row["subject_key"],
+    q = select(ledger_table.c.seq).where(ledger_table.c.subject_key.in_(ledger.subjects_of(row["subject_key"])),
                                          ledger_table.c.content_hash == h,
                                          ledger_table.c.data_items == ledger.RETRACTION).limit(1)
     return conn.execute(q).first() is not None

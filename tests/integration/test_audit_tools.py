@@ -66,13 +66,13 @@ def _ledger(home: Path) -> list[dict[str, Any]]:
 
 def _case(demo: dict[str, Any], n: int = 0) -> dict[str, Any]:
     """The n-th consented child the manifest expects to be shared both ways, with entries both ways."""
-    from schoolslink.keys import learner_key
+    from schoolslink.keys import learner_key, ledger_subject
 
     rows = _ledger(demo["home"])
     found = []
     for c in demo["manifest"]["cases"]:
         if c["case"] == "consented" and c["expect_school_to_trust"] and c["expect_trust_to_school"]:
-            dirs = {r["direction"] for r in rows if r["subject_key"] == learner_key(c["upn"])}
+            dirs = {r["direction"] for r in rows if r["subject_key"] == ledger_subject(learner_key(c["upn"]))}
             if dirs == {"school_to_trust", "trust_to_school"}:
                 found.append(c)
     assert len(found) > n, "the demo shares at least two consented children both ways"
@@ -109,13 +109,13 @@ def _run_query(capsys: pytest.CaptureFixture[str], **kw: Any) -> tuple[int, str,
 @pytest.mark.slow
 def test_query_by_upn_and_by_nhs_number_finds_that_child_and_no_other(demo: dict[str, Any],
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    from schoolslink.keys import learner_key, patient_key
+    from schoolslink.keys import learner_key, ledger_subject, patient_key
 
     case, other = _case(demo, 0), _case(demo, 1)
-    mine = {learner_key(case["upn"]), patient_key(case["nhs_number"])}
+    mine = {ledger_subject(learner_key(case["upn"])), ledger_subject(patient_key(case["nhs_number"]))}
     rows = _ledger(demo["home"])
     expected = [r["seq"] for r in rows if r["subject_key"] in mine]
-    theirs = {r["seq"] for r in rows if r["subject_key"] == learner_key(other["upn"])}
+    theirs = {r["seq"] for r in rows if r["subject_key"] == ledger_subject(learner_key(other["upn"]))}
     assert expected and theirs
 
     code, out, err = _run_query(capsys, upn=case["upn"], json=True)

@@ -4,6 +4,10 @@ Asserts on what arrived at the trust's server and in the schools' feeds, and on 
 anywhere: every value the synthetic trust marks as never-to-leave (and every identity of a pupil whose
 consent does not cover a direction) is searched in all its renderings in everything Medplum holds
 that we wrote, every feed, every log, the Airflow metadata database and the GX results.
+
+The second night runs after a rotation of the pseudonym key (version 1 -> 2, the old key kept as previous): it
+must change no resource id and no state-store key, so it sends nothing new, while its ledger entries carry the new
+key's subjects and version and a query by UPN still finds the child's entries under both.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from tests import leakscan
 pytestmark = pytest.mark.slow
 RUN_DATE = "2026-11-26"
 SCHOOLS, PUPILS = "6", "1800"
+KEY_V1, KEY_V2 = "e2e-test-key", "e2e-test-key-rotated"
+ROTATED = {"SCHOOLSLINK_KEY": KEY_V2, "SCHOOLSLINK_KEY_VERSION": "2", "SCHOOLSLINK_KEY_PREVIOUS": f"1:{KEY_V1}"}
 
 
 @dataclass
@@ -38,12 +44,12 @@ class DemoRun:
     outputs: str
 
 
-def _demo(home: Path, base: str, *extra: str) -> tuple[dict[str, Any], str]:
+def _demo(home: Path, base: str, *extra: str, env: dict[str, str] | None = None) -> tuple[dict[str, Any], str]:
     env_cmd = [sys.executable, "-m", "schoolslink.cli", "demo", "--schools", SCHOOLS, "--pupils", PUPILS,
                "--date", RUN_DATE, "--out", str(home), "--fhir-base", base, "--json", *extra]
     res = subprocess.run(env_cmd, capture_output=True, text=True, check=False, timeout=900,
                          env={**__import__("os").environ, "SCHOOLSLINK_HOME": str(home),
-                              "SCHOOLSLINK_KEY": "e2e-test-key"})
+                              "SCHOOLSLINK_KEY": KEY_V1, **(env or {})})
     assert res.returncode == 0, res.stderr[-4000:] + res.stdout[-2000:]
     return json.loads(res.stdout.strip().splitlines()[-1]), res.stdout + res.stderr
 
@@ -53,7 +59,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
     home = tmp_path_factory.mktemp("demo")
     with MedplumServer(log_path=home.parent / "medplum.log") as server:
         first, out1 = _demo(home, server.base_url)
-        second, out2 = _demo(home, server.base_url, "--keep")
+        second, out2 = _demo(home, server.base_url, "--keep", env=ROTATED)  # after a pseudonym key rotation
         manifest = json.loads((home / "synth-manifest.json").read_text())
         yield DemoRun(home, server.base_url, manifest, first, second, out1 + out2)
 
@@ -222,6 +228,7 @@ def test_may_share_agrees_with_every_disclosure_the_runs_made(demo: DemoRun, mon
     from schoolslink.constants import PURPOSE_SUPPORT
     from schoolslink.governance.agreement import load_agreements
     from schoolslink.governance.share import may_share
+    from schoolslink.keys import ledger_subject
     from schoolslink.model import Direction
     from schoolslink.store.schema import ledger, links, trust_referrals
 
@@ -233,7 +240,7 @@ def test_may_share_agrees_with_every_disclosure_the_runs_made(demo: DemoRun, mon
     with eng.connect() as conn:
         sent = {(r.direction, r.subject_key, r.recipient.split(":", 1)[1] if r.direction == "school_to_trust"
                  else None, item)
-                for r in conn.execute(select(ledger)) for item in r.data_items.split(",")}
+                for r in conn.execute(select(ledger)) for item in r.data_items.split(",")}  # ledger subjects
         linked = conn.execute(select(links.c.learner_key, links.c.trust_ods, links.c.patient_ref)).all()
         referred = {(r.trust_ods, r.patient_ref) for r in conn.execute(
             select(trust_referrals.c.trust_ods, trust_referrals.c.patient_ref))}
@@ -243,7 +250,7 @@ def test_may_share_agrees_with_every_disclosure_the_runs_made(demo: DemoRun, mon
             for item in agree_s2t:
                 d = may_share(conn, agreements, key, trust, Direction.SCHOOL_TO_TRUST, PURPOSE_SUPPORT, item, day)
                 # attendance, SEN, exclusions and year group are sent only when the learner has a value for them
-                if ("school_to_trust", key, trust, item) in sent:
+                if ("school_to_trust", ledger_subject(key), trust, item) in sent:
                     assert d.allowed, (key, item, d.reason)
                 elif item == "attendance_percent":
                     assert not d.allowed, (key, item, d.reason)
@@ -251,7 +258,59 @@ def test_may_share_agrees_with_every_disclosure_the_runs_made(demo: DemoRun, mon
             if (trust, pref) in referred:
                 d = may_share(conn, agreements, key, trust, Direction.TRUST_TO_SCHOOL, PURPOSE_SUPPORT,
                               "referral_status", day)
-                assert d.allowed == (("trust_to_school", key, None, "referral_status") in sent), (key, d.reason)
+                assert d.allowed == (("trust_to_school", ledger_subject(key), None, "referral_status") in sent), (
+                    key, d.reason)
                 checked += 1
     eng.dispose()
     assert checked > 100 and any(s[0] == "trust_to_school" for s in sent)
+
+
+def test_a_pseudonym_key_rotation_changes_no_id_and_keeps_every_entry_findable(
+        demo: DemoRun, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from sqlalchemy import create_engine, select
+
+    from schoolslink.audit.commands import cmd_audit_query
+    from schoolslink.keys import learner_key
+    from schoolslink.store.schema import ledger
+    from tests.integration.test_audit_tools import _query_ns
+
+    # The id key (here the version-1 key, kept as previous) named every learner, link and outbox row on both nights,
+    # so the second found them all under their old keys and sent nothing (test above: one version each, 0 sent).
+    monkeypatch.setenv("SCHOOLSLINK_HOME", str(demo.home))
+    for name, value in ROTATED.items():
+        monkeypatch.setenv(name, value)
+    eng = create_engine(f"sqlite:///{demo.home / 'state.db'}")
+    with eng.connect() as conn:
+        rows = [dict(r) for r in conn.execute(select(ledger.c.seq, ledger.c.key_version, ledger.c.subject_key)
+                                              .order_by(ledger.c.seq)).mappings()]
+    eng.dispose()
+    versions = [r["key_version"] for r in rows]
+    assert "1" in versions and "2" in versions and versions == sorted(versions)  # night 1 under v1, then v2
+    by_subject: dict[str, set[str]] = {}
+    for r in rows:
+        by_subject.setdefault(r["subject_key"], set()).add(r["key_version"])
+    assert all(len(v) == 1 for v in by_subject.values()), "a subject pseudonym belongs to one key version"
+
+    # A child disclosed on both nights: found by UPN under both keys while the old one is held, not after it is let go.
+    import hmac
+    from hashlib import sha256
+
+    def subject_under(key: str, state_key: str) -> str:
+        digest = hmac.new(key.encode(), f"ledger-subject\x1f{state_key}".encode(), sha256).hexdigest()
+        return f"{state_key[:3]}-{digest[:24]}"
+
+    case = next(c for c in demo.manifest["cases"] if c.get("upn")
+                and subject_under(KEY_V1, learner_key(c["upn"])) in by_subject
+                and subject_under(KEY_V2, learner_key(c["upn"])) in by_subject)
+    capsys.readouterr()
+    assert cmd_audit_query(_query_ns(upn=case["upn"], json=True)) == 0
+    found = json.loads(capsys.readouterr().out)["entries"]
+    assert {e["key_version"] for e in found} == {"1", "2"}
+    mine = {subject_under(k, learner_key(case["upn"])) for k in (KEY_V1, KEY_V2)}
+    assert {r["seq"] for r in rows if r["subject_key"] in mine} <= {e["seq"] for e in found}
+    monkeypatch.delenv("SCHOOLSLINK_KEY_PREVIOUS")  # without the version-1 key nothing may stand in for the id key
+    assert cmd_audit_query(_query_ns(upn=case["upn"], json=True)) == 1
+    assert "SCHOOLSLINK_ID_KEY" in json.loads(capsys.readouterr().out)["error"]
+    monkeypatch.setenv("SCHOOLSLINK_ID_KEY", KEY_V1)  # the procedure's first step
+    assert cmd_audit_query(_query_ns(upn=case["upn"], json=True)) == 0
+    assert {e["key_version"] for e in json.loads(capsys.readouterr().out)["entries"]} == {"2"}

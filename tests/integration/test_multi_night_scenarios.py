@@ -57,7 +57,7 @@ def test_a_withdrawal_stops_every_later_disclosure(tmp_path: Path, monkeypatch: 
     home = tmp_path / "home"
     monkeypatch.setenv("SCHOOLSLINK_HOME", str(home))
     monkeypatch.setenv("SCHOOLSLINK_KEY", KEY)
-    from schoolslink.keys import learner_key
+    from schoolslink.keys import learner_key, ledger_subject
     from schoolslink.store.schema import learners, ledger
 
     with MedplumServer(log_path=tmp_path / "medplum.log") as server:
@@ -105,7 +105,8 @@ def test_a_withdrawal_stops_every_later_disclosure(tmp_path: Path, monkeypatch: 
 
     eng = create_engine(f"sqlite:///{home / 'state.db'}")
     with eng.connect() as conn:
-        night2 = list(conn.execute(select(ledger).where(ledger.c.subject_key == key, ledger.c.seq > night1_last))
+        night2 = list(conn.execute(select(ledger).where(ledger.c.subject_key == ledger_subject(key),
+                                                        ledger.c.seq > night1_last))
                       .mappings())
         plain = conn.execute(select(learners.c.plain).where(learners.c.learner_key == key)).scalar()
     eng.dispose()

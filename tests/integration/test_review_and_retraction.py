@@ -32,7 +32,7 @@ from schoolslink.cli import main
 from schoolslink.constants import OUR_META_SOURCE
 from schoolslink.governance import register, review
 from schoolslink.governance.matching import match_pending
-from schoolslink.keys import learner_key
+from schoolslink.keys import learner_key, ledger_subject
 from schoolslink.mapping import ukcore
 from schoolslink.model import (
     Consent,
@@ -121,7 +121,8 @@ def _outbox(store: Engine, key: str) -> dict[str, str]:
 
 def _ledger(store: Engine, key: str) -> list[Any]:
     with store.connect() as conn:
-        return list(conn.execute(select(ledger).where(ledger.c.subject_key == key).order_by(ledger.c.seq)))
+        return list(conn.execute(select(ledger).where(ledger.c.subject_key == ledger_subject(key))
+                                 .order_by(ledger.c.seq)))
 
 
 def _versions(base: str, refs: list[str]) -> dict[str, tuple[dict[str, Any], int]]:
