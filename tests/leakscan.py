@@ -21,21 +21,29 @@ STATE_TABLES_WITHOUT_PUPIL_DATA = ("runs", "quarantine", "review_queue", "outbox
                                    "watermarks", "match_candidates")
 
 
+PHONE_ITEMS = ("contact_phone", "phone")
+
+
 def renderings(value: str, item: str) -> set[str]:
     """The ways a value is written: as is, upper, lower, without spaces; an NHS number also 3-3-4 spaced or hyphenated;
-    an ISO date also dd/mm/yyyy and yyyymmdd (HL7)."""
+    an ISO date also dd/mm/yyyy and yyyymmdd (HL7); a UK phone number also hyphenated and international (+44)."""
     v = value.strip()
     forms = {v, v.upper(), v.lower(), v.replace(" ", "")}
     if re.fullmatch(r"\d{10}", v):  # NHS number, as people and systems write it
         forms |= {f"{v[:3]} {v[3:6]} {v[6:]}", f"{v[:3]}-{v[3:6]}-{v[6:]}"}
     if re.fullmatch(r"\d{4}-\d{2}-\d{2}", v):
         forms |= {f"{v[8:]}/{v[5:7]}/{v[:4]}"}
+    if item in PHONE_ITEMS and re.fullmatch(r"0[\d ]{9,12}", v):
+        national = v.replace(" ", "")
+        forms |= {v.replace(" ", "-"), f"+44 {v[1:]}", f"+44{national[1:]}", f"+44 (0){v[1:]}"}
     return {f for f in forms if len(f) >= 4}
 
 
-def identity_needles(manifest: Mapping[str, Any], postcodes: Iterable[str] = ()) -> dict[str, str]:
+def identity_needles(manifest: Mapping[str, Any], postcodes: Iterable[str] = (), phones: Iterable[str] = (),
+                     emails: Iterable[str] = ()) -> dict[str, str]:
     """Every rendering of every synthetic identity (UPN, NHS number, names alone and as SURNAME^FORENAME, DOB, and
-    the FHIR and CSV forms of the identifiers), and every marker, each mapped to what it is."""
+    the FHIR and CSV forms of the identifiers), every marker (addresses and the workers' phones among them), and the
+    postcodes, phone numbers and email addresses given, each mapped to what it is."""
     needles: dict[str, str] = dict.fromkeys(
         {f for mk in manifest["markers"] for f in renderings(mk["value"], mk["item"])}, "marker")
     for c in manifest["cases"]:
@@ -48,6 +56,12 @@ def identity_needles(manifest: Mapping[str, Any], postcodes: Iterable[str] = ())
     for pc in postcodes:
         for form in {pc, pc.replace(" ", "")}:
             needles[form] = "postcode"
+    for phone in phones:
+        for form in renderings(phone, "phone"):
+            needles[form] = "phone"
+    for email in emails:
+        for form in renderings(email, "email"):
+            needles[form] = "email"
     return needles
 
 

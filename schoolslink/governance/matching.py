@@ -38,6 +38,7 @@ from schoolslink.governance.scoring import (
     decide,
 )
 from schoolslink.keys import patient_key
+from schoolslink.logfilter import remember_names
 from schoolslink.model import MatchMethod, ReviewReason
 from schoolslink.store.query import chunks
 from schoolslink.store.schema import learners, links, match_candidates, patients, review_queue
@@ -234,6 +235,7 @@ def _traced(conn: Connection, trace: PdsTrace, d: Decision, p: PatientFacts, tal
     if not isinstance(plain, Mapping) or not plain.get("surname") or not plain.get("forename") or not plain.get("dob"):
         return d
     tally["traced"] += 1
+    remember_names((plain.get("surname"), plain.get("forename")))  # hidden if a PDS error ever quotes them
     try:
         found = trace.search(family=str(plain["surname"]), given=str(plain["forename"]), birthdate=str(plain["dob"]),
                              gender=plain.get("sex"), postcode=plain.get("postcode") or None)

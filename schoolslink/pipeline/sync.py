@@ -10,6 +10,7 @@ advances only after a type's rows are stored. Matching then runs, with a PDS tra
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import Connection, Engine, select
@@ -23,6 +24,7 @@ from schoolslink.errors import SchoolslinkError, TransientError
 from schoolslink.governance import register
 from schoolslink.governance.agreement import load_agreements
 from schoolslink.governance.matching import match_pending
+from schoolslink.logfilter import remember_names
 from schoolslink.mapping import fhir_inbound as fin
 from schoolslink.model import Consent, ConsentDecision
 from schoolslink.pipeline.common import quarantine_rows, store
@@ -147,6 +149,8 @@ def _store(conn: Connection, run_id: str, trust: str, rtype: str, batch: list[di
         return
     rows: list[dict[str, Any]] = []
     bad: list[tuple[str | None, str | None, str]] = []
+    if rtype == "Patient":  # hidden if ever logged: the mapping reduces them to keyed hashes below
+        remember_names(_patient_names(batch))
     for res in batch:
         try:
             row = _read(rtype, res)
@@ -156,6 +160,8 @@ def _store(conn: Connection, run_id: str, trust: str, rtype: str, batch: list[di
         if row is None:
             continue
         rows.append({**row, "trust_ods": trust, "updated_run": run_id})
+    if rtype == "PractitionerRole":  # the named workers schools may contact: hidden if ever logged
+        remember_names(r["name"] for r in rows)
     if bad:
         counts["pulled_quarantined"] += quarantine_rows(conn, run_id, f"fhir:{trust}:{rtype}", bad)
     if not rows:
@@ -171,6 +177,16 @@ def _store(conn: Connection, run_id: str, trust: str, rtype: str, batch: list[di
     elif rtype == "PractitionerRole":
         upsert(conn, trust_practitioners, rows, ["trust_ods", "role_ref"])
     counts[f"pulled_{rtype}"] += len(rows)
+
+
+def _patient_names(batch: list[dict[str, Any]]) -> Iterator[object]:
+    """Every family and given name (and name text) of a batch of Patients, whatever shape a resource is in."""
+    for res in batch:
+        names = res.get("name")
+        for n in names if isinstance(names, list) else ():
+            if isinstance(n, dict):
+                given = n.get("given")
+                yield from (n.get("family"), n.get("text"), *(given if isinstance(given, list) else (given,)))
 
 
 def _store_consents(conn: Connection, run_id: str, trust: str, batch: list[dict[str, Any]],

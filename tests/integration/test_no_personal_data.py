@@ -4,7 +4,8 @@ First the safety net on its own: an identifier logged by mistake, through our lo
 whose URL carries an NHS number), a process with no logging set up, an Airflow task run through `dag.test()`, and
 Airflow's task-log write path (the processors its supervisor writes task log files with), reaches the output only
 as a keyed token. Then the demo, once, through Airflow: every synthetic identity (UPN, NHS number with and without
-spaces, names alone and as SURNAME^FORENAME, DOB, postcode, FHIR and CSV forms) is absent from every log, every
+spaces, names alone and as SURNAME^FORENAME, DOB, postcode, street, the contacts' and workers' phone numbers, the
+workers' email addresses, FHIR and CSV forms) is absent from every log, every
 XCom value and every table of the Airflow metadata database, the GX results, reports, and the state store's
 reasons, errors and dead letters. Places that legitimately hold pupil data (plain learner data for consented
 pupils, the sealed landing zone, the schools' feeds, the FHIR server) are not scanned.
@@ -203,15 +204,27 @@ def test_airflows_task_log_write_path_has_the_processor(tmp_path: Path) -> None:
 # The demo, once, scanned ----------------------------------------------------------------------------------------
 
 
-def _postcodes(synth_home: Path, upns: set[str]) -> set[str]:
-    """The postcodes the synthetic CTFs give the referred pupils (the manifest does not list them)."""
-    out = set()
+def _contact_details(synth_home: Path, upns: set[str]) -> tuple[set[str], set[str]]:
+    """The postcodes and the contacts' phone numbers the synthetic CTFs give the referred pupils (the manifest lists
+    neither; their street names are `address` markers)."""
+    postcodes, phones = set(), set()
     for ctf in synth_home.glob("landing/mis/*/*.xml"):
         for pupil in re.findall(r"<Pupil>.*?</Pupil>", ctf.read_text(), flags=re.S):
             upn = re.search(r"<UPN>(\w+)</UPN>", pupil)
-            pc = re.search(r"<Postcode>([^<]+)</Postcode>", pupil)
-            if upn and pc and upn.group(1) in upns:
-                out.add(pc.group(1))
+            if upn and upn.group(1) in upns:
+                postcodes |= set(re.findall(r"<Postcode>([^<]+)</Postcode>", pupil))
+                phones |= set(re.findall(r"<PhoneNo>([^<]+)</PhoneNo>", pupil))
+    return postcodes, phones
+
+
+def _worker_emails(synth_home: Path) -> set[str]:
+    """The trust workers' email addresses (their PractitionerRoles in the seed bundles; their phones are markers)."""
+    out = set()
+    for bundle in synth_home.glob("seed/fhir/bundle-*.json"):
+        for entry in json.loads(bundle.read_text()).get("entry", []):
+            res = entry.get("resource", {})
+            if res.get("resourceType") == "PractitionerRole":
+                out |= {t["value"] for t in res.get("telecom", []) if t.get("system") == "email"}
     return out
 
 
@@ -228,16 +241,20 @@ def test_the_demo_leaves_no_pupil_identity_in_logs_xcom_airflow_db_gx_reports_or
     assert summary["ok"] and [r["state"] for r in summary["runs"]] == ["success"] * 3
 
     manifest = json.loads((home / "synth-manifest.json").read_text())
-    # The CTFs now rest sealed: the same synthesis again (deterministic) gives the referred pupils' postcodes.
+    # The CTFs now rest sealed: the same synthesis again (deterministic) gives the referred pupils' postcodes and
+    # contacts' phone numbers, and the workers' email addresses.
     again = synthesise(tmp_path / "again", schools=2, pupils=300, seed=3, as_of=date.fromisoformat(RUN_DATE))
     assert [c.to_dict() for c in again.cases] == manifest["cases"]
-    postcodes = _postcodes(tmp_path / "again", {c["upn"] for c in manifest["cases"]})
-    assert len(postcodes) >= len(manifest["cases"]) // 2
+    postcodes, phones = _contact_details(tmp_path / "again", {c["upn"] for c in manifest["cases"]})
+    assert len(postcodes) >= len(manifest["cases"]) // 2 and len(phones) >= len(manifest["cases"]) // 2
+    emails = _worker_emails(tmp_path / "again")
+    assert emails and all("@" in e for e in emails)
 
-    needles = leakscan.identity_needles(manifest, postcodes)
+    needles = leakscan.identity_needles(manifest, postcodes, phones, emails)
     kinds = set(needles.values())
     assert {"upn", "nhs_number", "surname", "forename", "dob", "name (HL7)", "postcode", "nhs_number (FHIR)",
-            "upn (CSV)", "marker"} <= kinds
+            "upn (CSV)", "marker", "phone", "email"} <= kinds
+    assert {mk["item"] for mk in manifest["markers"]} >= {"address", "contact_phone"}
     places = leakscan.places_without_pupil_data(home)
     assert places["logs"] and places["airflow db"] and places["gx"] and places["state store"]
     assert any("medplum" in name for name in places["logs"])
