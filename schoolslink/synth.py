@@ -317,7 +317,9 @@ _TOWNS: Final = ("Ashby Wells", "Brackwater", "Coldmarsh", "Elmsworth", "Fennick
                  "Stonebridge", "Westfold", "Yarnbrook")
 _POSTCODE_AREAS: Final = ("SY", "TF", "WV", "DY", "HR", "GL", "WR", "ST", "LD", "NP")
 _POSTCODE_LETTERS: Final = "ABDEFGHJLNPQRSTUWXYZ"
-_HOME_AREA_CODES: Final = ("01743", "01952", "01902", "01384", "01432", "01452", "01905", "01782")
+# Ofcom's ranges for drama (never allocated to a real line): 07700 900nnn, and 0113..0161 496 0nnn.
+_HOME_AREA_CODES: Final = ("0113 496 0", "0114 496 0", "0115 496 0", "0116 496 0", "0117 496 0", "0118 496 0",
+                           "0121 496 0", "0161 496 0")
 _SCHOOL_STEMS: Final = ("Ash", "Brack", "Cold", "Elm", "Fern", "Hazel", "Kings", "Lark", "Mill", "North",
                         "Oak", "Red", "Stone", "West", "Wood", "Holly", "Bright", "Clay", "Thorn", "Marsh")
 _SCHOOL_TAILS: Final = ("well", "field", "ford", "brook", "ley", "ton", "worth", "bury", "dale", "hurst")
@@ -1125,9 +1127,10 @@ class _Trust:
             c_forename = self.names.ordinary_forenames[rng.randrange(_ORDINARY_FORENAMES)]
             relationship = "CAR" if p.lac else "PAR"
             if rnd() < 0.75:
-                phone_type, phone = "M", f"07{rng.randrange(100, 1000)} {rng.randrange(1_000_000):06d}"
+                rng.randrange(100, 1000)  # kept: the draws stay as they were, so a seed makes the same trust
+                phone_type, phone = "M", f"07700 900{rng.randrange(1_000_000) % 1000:03d}"
             else:
-                phone_type, phone = "H", f"{rng.choice(_HOME_AREA_CODES)} {rng.randrange(200_000, 1_000_000)}"
+                phone_type, phone = "H", f"{rng.choice(_HOME_AREA_CODES)}{rng.randrange(200_000, 1_000_000) % 1000:03d}"
             parts.append(
                 f"        <Contact><Order>{order}</Order><Surname>{_esc(c_surname)}</Surname>"
                 f"<Forename>{c_forename}</Forename><Relationship>{relationship}</Relationship>"
