@@ -13,10 +13,12 @@ from typing import Any
 import pendulum
 from airflow.sdk import dag, task
 
+from schoolslink.schedules import event_schedule
+
 
 @dag(
     dag_id="mis_ingest",
-    schedule="15 * * * *",  # the sweep; the event-driven trigger comes with the HL7v2/events issue
+    schedule=event_schedule("mis_ingest", "15 * * * *", "landing"),  # a landed file, or the hourly sweep
     start_date=pendulum.datetime(2026, 9, 1, tz="Europe/London"),
     catchup=False,
     max_active_runs=1,

@@ -11,10 +11,12 @@ from typing import Any
 import pendulum
 from airflow.sdk import dag, task
 
+from schoolslink.schedules import event_schedule
+
 
 @dag(
     dag_id="nhs_sync",
-    schedule="*/30 * * * *",
+    schedule=event_schedule("nhs_sync", "*/30 * * * *", "fhir"),  # a FHIR notification, or the sweep
     start_date=pendulum.datetime(2026, 9, 1, tz="Europe/London"),
     catchup=False,
     max_active_runs=1,

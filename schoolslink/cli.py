@@ -361,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--out", help="folder (default out/summaries/<month> under SCHOOLSLINK_HOME)")
     sm.add_argument("--json", action="store_true")
     sm.set_defaults(func=cmd_summary)
+
+    from schoolslink.events_cli import register_events
+
+    register_events(sub)  # landing watch | fhir receive (docs/events.md)
     return p
 
 

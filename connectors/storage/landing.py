@@ -106,11 +106,14 @@ class LandingZone:
         n = 0
         for kind, urn, src in self._drops():
             fmt = _FORMATS.get(src.suffix.lower(), "bin")
-            sha = _digest(src)
+            try:
+                sha, size = _digest(src), src.stat().st_size
+            except FileNotFoundError:  # another intake (a run outside Airflow on the same zone) sealed it first
+                continue
             n += 1
             dest = self._dest(kind, urn, fmt, now, n)
-            seal_file(src, dest, self._meta(kind, urn, fmt, now, src.stat().st_size, sha))
-            src.unlink()
+            seal_file(src, dest, self._meta(kind, urn, fmt, now, size, sha))
+            src.unlink(missing_ok=True)
             out.append(self._landed(dest))
         return out
 
@@ -119,12 +122,12 @@ class LandingZone:
         if mis.exists():
             for school in sorted(p for p in mis.iterdir() if p.is_dir()):
                 for f in sorted(school.iterdir()):
-                    if f.is_file() and not f.name.endswith((SUFFIX, ".part")):
+                    if f.is_file() and not f.name.endswith((SUFFIX, ".part")) and not f.name.startswith("."):
                         yield "mis", school.name, f
         consent = self.root / "consent"
         if consent.exists():
             for f in sorted(consent.iterdir()):
-                if f.is_file() and f.suffix.lower() == ".csv":
+                if f.is_file() and f.suffix.lower() == ".csv" and not f.name.startswith("."):
                     yield "consent", f.stem, f
 
     def land_bytes(self, kind: str, urn: str, fmt: str, data: bytes, now: dt.datetime | None = None) -> Landed:

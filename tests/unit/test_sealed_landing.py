@@ -156,6 +156,17 @@ def test_intake_seals_every_drop_and_removes_the_plain_copy(sl_home: Path) -> No
     assert zone.schools("mis") == ["100001"]
 
 
+def test_intake_leaves_files_still_being_written_alone(sl_home: Path) -> None:
+    school = sl_home / "landing" / "mis" / "100001"
+    school.mkdir(parents=True)
+    (school / "export.xml.part").write_bytes(b"<CTfile>")  # our uploaders' convention
+    (school / ".export.xml.Ab12Cd").write_bytes(b"<CTfile>")  # rsync's and scp's temporary copies
+    (sl_home / "landing" / "consent").mkdir(parents=True)
+    (sl_home / "landing" / "consent" / ".100001.csv.swp").write_text("x")
+    assert LandingZone().intake(dt.datetime(2026, 11, 20, 12, tzinfo=dt.UTC)) == []
+    assert len(list(school.iterdir())) == 2
+
+
 def test_a_truncated_export_is_still_told_apart_when_read_sealed(sl_home: Path) -> None:
     drop = sl_home / "landing" / "mis" / "100001" / "export.xml"
     drop.parent.mkdir(parents=True)

@@ -1,0 +1,209 @@
+"""The landing-zone watcher: a long-running service that publishes `landing` when a school's file has landed.
+
+`schoolslink landing watch` runs it beside Airflow. It watches `SCHOOLSLINK_HOME/landing/` with inotify
+(watchdog) and publishes one `landing` event (connectors/events) per file that is completely there, so
+mis_ingest starts within about a second instead of at its hourly sweep. It reads nothing but the file's bytes
+for their SHA-256 (the same digest the sealed header records), and it seals, moves and deletes nothing: the
+run's `intake` does that, exactly as for a sweep.
+
+Which files count: the ones `LandingZone.intake` takes (connectors/storage/landing.py) — `mis/<URN>/<file>`
+and `consent/<URN>.csv` — and never a partial or temporary one:
+
+- a file is complete when the writer closes it after writing (inotify `IN_CLOSE_WRITE`), or when it is
+  renamed or moved into place (`IN_MOVED_TO`: a writer's `x.csv.part` renamed to `x.csv`, a `mv` from
+  elsewhere). A file that appears with no close or move of its own (inside a folder moved in whole) counts
+  once its size has stayed the same for `settle` seconds;
+- ignored: `*.part` (the landing zone's "still being written"), `*.sealed` (intake's own output), hidden files
+  (`.name`, as rsync and editors write their temporary copies), and anything outside the two layouts above
+  (`refused/`, `fhir-notifications/`, `mesh/`).
+
+The payload is `{"kind": "mis"|"consent", "school_urn": URN, "sha256": hex, "size": bytes}`: the landed file
+named by its school and hash, never by its name (a school may put a pupil's name in one) or its contents. When
+the watcher starts it publishes one `{"kind": "startup", "waiting": n}` if files are already waiting (they
+landed while it was down). A lost event costs latency only: the sweep takes the file at the next hour.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any, Final
+
+from watchdog.events import FileSystemEventHandler
+
+from connectors.events import Publisher
+from connectors.storage.landing import SUFFIX
+
+log = logging.getLogger(__name__)
+
+PARTIAL: Final = ".part"
+_STOP: Final = ""
+
+
+def drop_of(root: Path, path: Path) -> tuple[str, str] | None:
+    """(kind, school URN) if `path` is a file `LandingZone.intake` would take as a drop; else None."""
+    try:
+        rel = path.relative_to(root).parts
+    except ValueError:
+        return None
+    name = rel[-1] if rel else ""
+    if not name or name.startswith(".") or name.endswith((SUFFIX, PARTIAL)):
+        return None
+    if len(rel) == 3 and rel[0] == "mis" and not rel[1].startswith("."):
+        return "mis", rel[1]
+    if len(rel) == 2 and rel[0] == "consent" and Path(name).suffix.lower() == ".csv":
+        return "consent", Path(name).stem
+    return None
+
+
+def _sha256(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    n = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            n += len(chunk)
+    return h.hexdigest(), n
+
+
+class LandingWatcher:
+    """Watches the landing zone and publishes `landing` for each completed drop (see the module docstring)."""
+
+    def __init__(self, publisher: Publisher, root: Path | None = None, settle: float = 2.0) -> None:
+        from schoolslink.settings import landing_dir
+
+        self.publisher = publisher
+        self.root = (root or landing_dir()).resolve()
+        self.settle = settle
+        self.published = 0
+        self._work: queue.Queue[str] = queue.Queue()
+        self._appeared: dict[str, tuple[float, int]] = {}  # path -> (when first seen, size then)
+        self._lock = threading.Lock()
+        self._observer: Any = None
+        self._worker: threading.Thread | None = None
+
+    # lifecycle ---------------------------------------------------------------------------------------------------
+
+    def start(self) -> LandingWatcher:
+        from watchdog.observers.inotify import InotifyObserver
+
+        for sub in ("mis", "consent"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._worker = threading.Thread(target=self._run, name="landing-watcher", daemon=True)
+        self._worker.start()
+        # "full events": a file moved in from outside the zone is a move (complete), not a create (being written)
+        observer = InotifyObserver(generate_full_events=True)
+        observer.schedule(_Handler(self), str(self.root), recursive=True)
+        observer.start()
+        self._observer = observer
+        waiting = sum(1 for p in self.root.rglob("*") if p.is_file() and drop_of(self.root, p))
+        if waiting:
+            self.publisher.publish("landing", {"kind": "startup", "waiting": waiting})
+        log.info("watching the landing zone (%d file(s) already waiting)", waiting)
+        return self
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None
+        if self._worker is not None:
+            self._work.put(_STOP)
+            self._worker.join(timeout=10)
+            self._worker = None
+
+    def __enter__(self) -> LandingWatcher:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    # events ------------------------------------------------------------------------------------------------------
+
+    def completed(self, path: str) -> None:
+        """A writer closed `path` after writing, or it was moved into place."""
+        with self._lock:
+            self._appeared.pop(path, None)
+        self._work.put(path)
+
+    def appeared(self, path: str) -> None:
+        """`path` was created: a writer's new file (its close follows) or a file inside a folder moved in."""
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            return
+        with self._lock:
+            self._appeared.setdefault(path, (time.monotonic(), size))
+
+    def _settled(self) -> list[str]:
+        """Files seen appear with no close or move since, whose size held for `settle` seconds."""
+        now = time.monotonic()
+        out = []
+        with self._lock:
+            for path, (seen, size) in list(self._appeared.items()):
+                if now - seen < self.settle:
+                    continue
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    del self._appeared[path]
+                    continue
+                if st.st_size == size and time.time() - st.st_mtime >= self.settle:
+                    del self._appeared[path]
+                    out.append(path)
+                else:
+                    self._appeared[path] = (now, st.st_size)
+        return out
+
+    def _run(self) -> None:
+        checked = time.monotonic()
+        while True:
+            try:
+                item = self._work.get(timeout=min(1.0, self.settle))
+            except queue.Empty:
+                item = None
+            if item == _STOP:
+                return
+            if item is not None:
+                self._publish(Path(item))
+            if item is None or time.monotonic() - checked >= min(1.0, self.settle):
+                checked = time.monotonic()
+                for path in self._settled():
+                    self._publish(Path(path))
+
+    def _publish(self, path: Path) -> None:
+        drop = drop_of(self.root, path)
+        if drop is None:
+            return
+        kind, urn = drop
+        try:
+            sha, size = _sha256(path)
+        except OSError:
+            return  # already taken by a run's intake (sealed, the plain copy removed): that run has it
+        self.publisher.publish("landing", {"kind": kind, "school_urn": urn, "sha256": sha, "size": size})
+        self.published += 1
+        log.info("a %s file landed for school %s (sha256 %s…): event published", kind, urn, sha[:12])
+
+
+class _Handler(FileSystemEventHandler):
+    """watchdog's callbacks, narrowed to what marks a file complete."""
+
+    def __init__(self, watcher: LandingWatcher) -> None:
+        super().__init__()
+        self.w = watcher
+
+    def dispatch(self, event: Any) -> None:
+        if event.is_directory:
+            return
+        kind = event.event_type
+        if kind == "closed":
+            self.w.completed(os.fsdecode(event.src_path))
+        elif kind == "moved" and event.dest_path:
+            self.w.completed(os.fsdecode(event.dest_path))
+        elif kind == "created":
+            self.w.appeared(os.fsdecode(event.src_path))
