@@ -365,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     from schoolslink.events_cli import register_events
 
     register_events(sub)  # landing watch | fhir receive (docs/events.md)
+    from schoolslink.mllp_cli import register_mllp
+
+    register_mllp(sub)  # mllp listen | mllp send (docs/mllp.md)
     return p
 
 

@@ -6,6 +6,11 @@ much less long: the agreement's `retention.values_days`, or DEFAULT_VALUES_DAYS 
 `purge` erases them once past it (salt and value set NULL, `erased_at` stamped): the entry keeps its
 commitment, so the chain and the checkpoints still verify, but what was sent can no longer be shown.
 
+HL7v2 messages (`hl7_messages`) are personal data too, sealed: once applied or quarantined and older than the
+landing zone's retention (`SCHOOLSLINK_LANDING_RETENTION_DAYS`, 28 days), `purge` empties their body and keeps the
+row (sender, MSH-10, type, status, reason, ACK code), so a resent message is still known and acknowledged as a
+duplicate. A message not yet applied is never purged.
+
 Call it from a DAG task or the CLI: `purge(now)` -> counts. docs/audit-ledger.md.
 """
 
@@ -17,8 +22,9 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, and_, func, select, update
 
+from connectors.storage.landing import retention_days
 from schoolslink.governance.agreement import Agreement, load_agreements
-from schoolslink.store.schema import ledger, ledger_values
+from schoolslink.store.schema import hl7_messages, ledger, ledger_values
 
 DEFAULT_VALUES_DAYS = 90
 
@@ -43,7 +49,7 @@ def purge(now: datetime, *, engine: Engine | None = None,
     """Erase the ledger's stored values older than their agreement's `values_days`; entries stay verifiable.
 
     Returns counts: `values_erased` (salt and value set NULL tonight), `values_kept` (still within their time),
-    `agreements` (agreement versions looked at).
+    `agreements` (agreement versions looked at), `hl7_bodies_erased` (HL7v2 message bodies emptied tonight).
     """
     if engine is None:
         from schoolslink.store.db import engine as default_engine
@@ -66,4 +72,10 @@ def purge(now: datetime, *, engine: Engine | None = None,
             erased += res.rowcount or 0
         kept = int(conn.execute(select(func.count()).select_from(ledger_values)
                                 .where(ledger_values.c.value.is_not(None))).scalar_one())
-    return {"values_erased": erased, "values_kept": kept, "agreements": len(versions)}
+        hl7 = conn.execute(update(hl7_messages)
+                           .where(hl7_messages.c.status != "received",
+                                  hl7_messages.c.received_at < now - timedelta(days=retention_days()),
+                                  func.length(hl7_messages.c.body) > 0)
+                           .values(body=b""))
+    return {"values_erased": erased, "values_kept": kept, "agreements": len(versions),
+            "hl7_bodies_erased": hl7.rowcount or 0}

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -349,4 +350,25 @@ mesh_messages = Table(
     # One row per message each way: never two sends recorded under one id, never one arrival recorded twice.
     # (Both ways can hold the same id when two of our mailboxes talk to each other.)
     Index("uq_mesh_messages_direction_message_id", "direction", "message_id", unique=True),
+)
+
+hl7_messages = Table(
+    "hl7_messages",
+    metadata,
+    # One HL7v2 message as the MLLP listener received it (connectors/hl7v2/store.py, docs/mllp.md), written and
+    # committed before its acknowledgment was sent. The body is sealed (AES-256-GCM under the seal key, kept outside
+    # the database): never plain. A message refused at the door (AE/AR) is kept too, as 'quarantined'.
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("sender", String(200)),  # MSH-3^MSH-4 as received (a longer one: 'sha256:' + its hash); None: no MSH
+    Column("control_id", String(200)),  # MSH-10 (likewise bounded); None: the message had none
+    Column("message_type", String(100)),  # MSH-9 type^trigger, e.g. 'ADT^A08'
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("body", LargeBinary, nullable=False),  # the message, sealed
+    Column("status", String(12), nullable=False),  # received | applied | quarantined
+    Column("reason", Text),  # why it was quarantined: a field and a rule, never a value
+    Column("ack_code", String(2), nullable=False),  # AA | AE | AR: what the sender was told
+    Column("ack_error", String(3)),  # the ERR-3 code (HL7 table 0357) sent with AE/AR
+    Index("ix_hl7_messages_status", "status", "id"),
+    # A message is stored once: the same MSH-10 from the same sender is acknowledged again, never stored again.
+    Index("uq_hl7_messages_sender_control_id", "sender", "control_id", unique=True),
 )

@@ -395,7 +395,7 @@ def test_erasing_values_leaves_the_ledger_verifiable(store: Engine, locked: Any)
     assert purge(AT + timedelta(days=30), engine=store, agreements=agreements)["values_erased"] == 0
     counts = purge(AT + timedelta(days=91, hours=12), engine=store, agreements=agreements)
     # run-1 (day 0) and run-2 (day 1) are past 90 days; run-3 (day 2) is not yet
-    assert counts == {"values_erased": 14, "values_kept": 6, "agreements": 1}, counts
+    assert counts == {"values_erased": 14, "values_kept": 6, "agreements": 1, "hl7_bodies_erased": 0}, counts
     with store.connect() as conn:
         erased = conn.execute(select(ledger_values).where(ledger_values.c.seq <= 7)).all()
         assert erased and all(v.salt is None and v.value is None and v.erased_at is not None for v in erased)

@@ -1,0 +1,302 @@
+"""The MLLP listener under load: persist before ACK on SQLite (synchronous=FULL), against parsing in the same run.
+
+    .venv/bin/python -m benchmarks.mllp [--seconds 6] [--levels 1,10,50] [--json]
+
+The listener (`schoolslink mllp listen`) runs in its own process on a fresh SQLite store; the senders run in another
+process (asyncio, one connection each, stop-and-wait: send a message, wait for its ACK, send the next) at 1, 10 and
+50 concurrent senders, each level for --seconds. Every message is a distinct ADT^A08 (its own MSH-10, a valid test
+NHS number), so every one is checked, sealed, committed and acknowledged. Reported per level: messages per second,
+p50 and p99 ACK latency, messages per commit (group commit), CPU per message of the listener and of the senders;
+afterwards the store must hold every message that was acknowledged AA (exit status 1 if not).
+
+Beside it, in the same run and on the same message: parse throughput of hl7apy (`parse_message`, TOLERANT) and of
+python-hl7 (`hl7.parse`), fastcheck's throughput, the hl7apy path of the same checks (reference_check.py), and the
+cost of sealing one message, and a 4 KiB write + fdatasync where the store lives (before and after: the floor under
+a commit, and with stop-and-wait senders a bound of senders / fsync time). Listener figures are also given as ratios
+over those parse rates (how many messages the listener takes, checked and durably stored, in the time hl7apy or
+python-hl7 would take to parse one). About 30 s with the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import resource
+import secrets
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from connectors.hl7v2.mllp import END, START, FrameDecoder
+
+LEVELS = (1, 10, 50)
+TEMPLATE = ("MSH|^~\\&|PAS|RX1|SCHOOLSLINK|SL|20261126120000||ADT^A08^ADT_A01|%s|P|2.4\r"
+            "EVN|A08|20261126120000\r"
+            "PID|1||%s^^^NHS^NH~RX1-%s^^^RX1^MR||TESTPATIENT^BENCH^J||20120301|F|||1 TEST STREET^^TESTTOWN^^ZZ99 9ZZ"
+            "||||||||||||||||||NSTS01\r"
+            "PD1|||TEST PRACTICE^^Y99999\r"
+            "PV1|1|O|CAMHS^^^RX1||||C1234567^DOCTOR^TEST|||||||||||OP|V000123\r"
+            "ZU1|local extension|kept\r")
+
+
+def sample_message(i: int = 0) -> bytes:
+    from schoolslink.identifiers import make_test_nhs_number
+
+    return (TEMPLATE % (f"BENCH{i:08d}", make_test_nhs_number(i % 900_000), i)).encode()
+
+
+# -- the sender process -------------------------------------------------------------------------------------------
+
+
+class _Sender(asyncio.Protocol):
+    """One stop-and-wait connection: send, wait for the ACK, send the next, until the deadline."""
+
+    def __init__(self, prefix: str, nhs: list[str], deadline: float, out: dict[str, Any], done: asyncio.Future[None]):
+        self.prefix = prefix
+        self.nhs = nhs
+        self.deadline = deadline
+        self.out = out
+        self.done = done
+        self.decoder = FrameDecoder()
+        self.n = 0
+        self.t0 = 0.0
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self._send()
+
+    def _send(self) -> None:
+        self.n += 1
+        cid = f"{self.prefix}{self.n}"
+        msg = TEMPLATE % (cid, self.nhs[self.n % len(self.nhs)], self.n)
+        self.t0 = time.perf_counter()
+        self.transport.write(START + msg.encode() + END)
+
+    def data_received(self, data: bytes) -> None:
+        for ack in self.decoder.feed(data):
+            now = time.perf_counter()
+            assert isinstance(ack, bytes)
+            self.out["lat"].append(now - self.t0)
+            if b"|AA|" in ack:
+                self.out["aa"].append(f"{self.prefix}{self.n}")
+            else:
+                self.out["other"] += 1
+            if now < self.deadline:
+                self._send()
+            else:
+                self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def _senders(port: int, n: int, seconds: float, tag: str) -> dict[str, Any]:
+    from schoolslink.identifiers import make_test_nhs_number
+
+    loop = asyncio.get_running_loop()
+    nhs = [make_test_nhs_number(i) for i in range(1000)]
+    out: dict[str, Any] = {"lat": [], "aa": [], "other": 0}
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    dones = []
+    for k in range(n):
+        done: asyncio.Future[None] = loop.create_future()
+
+        def factory(k: int = k, done: asyncio.Future[None] = done) -> _Sender:
+            return _Sender(f"{tag}-{k}-", nhs, deadline, out, done)
+
+        await loop.create_connection(factory, "127.0.0.1", port)
+        dones.append(done)
+    await asyncio.gather(*dones)
+    wall = time.perf_counter() - t0
+    lat = sorted(out["lat"])
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    return {"senders": n, "messages": len(lat), "seconds": round(wall, 3), "per_s": round(len(lat) / wall),
+            "p50_ms": round(lat[len(lat) // 2] * 1000, 3) if lat else None,
+            "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000, 3) if lat else None,
+            "not_aa": out["other"], "aa_ids": out["aa"],
+            "sender_cpu_us_per_msg": round((cpu.ru_utime + cpu.ru_stime) / max(1, len(lat)) * 1e6, 1)}
+
+
+def client_main(port: int, n: int, seconds: float, tag: str) -> None:
+    try:
+        import uvloop
+        factory: Any = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        res = runner.run(_senders(port, n, seconds, tag))
+    print(json.dumps(res))
+
+
+# -- the same-run baselines ---------------------------------------------------------------------------------------
+
+
+def _rate(fn: Any, arg: Any, seconds: float = 1.0, min_n: int = 3) -> float:
+    n = 0
+    t0 = time.perf_counter()
+    while True:
+        fn(arg)
+        n += 1
+        t = time.perf_counter() - t0
+        if t >= seconds and n >= min_n:
+            return n / t
+
+
+def fsync_ms(folder: Path, n: int = 100) -> float:
+    """Median time of a 4 KiB write + fdatasync in `folder`: what one durable commit costs at least, here and now."""
+    path = folder / "fsync.probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    times = []
+    try:
+        for _ in range(n):
+            t = time.perf_counter()
+            os.write(fd, b"\0" * 4096)
+            os.fdatasync(fd)
+            times.append(time.perf_counter() - t)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return round(sorted(times)[n // 2] * 1000, 3)
+
+
+def baselines(msg: bytes) -> dict[str, Any]:
+    import hl7
+    from hl7apy.consts import VALIDATION_LEVEL
+    from hl7apy.parser import parse_message
+
+    from connectors.hl7v2.fastcheck import check
+    from connectors.hl7v2.reference_check import reference_check
+    from connectors.hl7v2.store import MessageSealer
+
+    text = msg.decode()
+    sealer = MessageSealer(secrets.token_bytes(32))
+    out = {
+        "hl7apy_parse_per_s": _rate(lambda m: parse_message(m, find_groups=False,
+                                                           validation_level=VALIDATION_LEVEL.TOLERANT), text, 1.5),
+        "python_hl7_parse_per_s": _rate(hl7.parse, text),
+        "fastcheck_per_s": _rate(check, msg),
+        "reference_check_hl7apy_per_s": _rate(reference_check, msg, 1.0),
+        "seal_per_s": _rate(lambda m: sealer.seal(m, "PAS^RX1", "BENCH1"), msg),
+    }
+    res: dict[str, Any] = {k: round(v) for k, v in out.items()}
+    res["fastcheck_us"] = round(1e6 / out["fastcheck_per_s"], 2)
+    res["seal_us"] = round(1e6 / out["seal_per_s"], 2)
+    res["fastcheck_x_hl7apy"] = round(out["fastcheck_per_s"] / out["hl7apy_parse_per_s"])
+    res["fastcheck_x_python_hl7"] = round(out["fastcheck_per_s"] / out["python_hl7_parse_per_s"], 1)
+    res["message_bytes"] = len(msg)
+    return res
+
+
+# -- the run --------------------------------------------------------------------------------------------------------
+
+
+def run(levels: tuple[int, ...], seconds: float) -> dict[str, Any]:
+    from connectors.hl7v2.listener import ListenerProcess
+
+    out: dict[str, Any] = {"levels": {}, "store": "sqlite (WAL, synchronous=FULL)", "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="sl-bench-mllp-") as tmp:
+        home = Path(tmp) / "home"
+        env = {"SCHOOLSLINK_HOME": str(home), "SCHOOLSLINK_SEAL_KEY": secrets.token_hex(32),
+               "SCHOOLSLINK_KEY": "bench-key-not-secret"}
+        child_env = {k: v for k, v in os.environ.items() if k != "SCHOOLSLINK_DB_URL"} | env
+        home.mkdir(parents=True)
+        out["fsync_ms_before"] = fsync_ms(home)
+        with ListenerProcess(env=env, log_path=Path(tmp) / "listener.log",
+                             args=["--db-url", f"sqlite:///{home / 'state.db'}"]) as listener:
+            acked: set[str] = set()
+            proc = psutil.Process(listener.pid)
+            for n in levels:
+                cpu0 = proc.cpu_times()
+                tag = f"L{n}"
+                done = subprocess.run(
+                    [sys.executable, "-m", "benchmarks.mllp", "--client", "--port", str(listener.port),
+                     "--senders", str(n), "--seconds", str(seconds), "--tag", tag],
+                    capture_output=True, text=True, check=True, env=child_env, cwd=Path(__file__).parents[1])
+                res = json.loads(done.stdout)
+                cpu1 = proc.cpu_times()
+                acked.update(res.pop("aa_ids"))
+                used = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+                res["listener_cpu_us_per_msg"] = round(used / max(1, res["messages"]) * 1e6, 1)
+                res["listener_cpu_user_sys_s"] = [round(cpu1.user - cpu0.user, 2), round(cpu1.system - cpu0.system, 2)]
+                out["levels"][str(n)] = res
+            listener.terminate()
+        out["fsync_ms_after"] = fsync_ms(home)
+        db = sqlite3.connect(home / "state.db")
+        stored = {r[0] for r in db.execute("SELECT control_id FROM hl7_messages")}
+        for n, fig in out["levels"].items():  # each commit stamps its messages with one received_at
+            commits = db.execute("SELECT count(DISTINCT received_at) FROM hl7_messages WHERE control_id LIKE ?",
+                                 (f"L{n}-%",)).fetchone()[0]
+            fig["messages_per_commit"] = round(fig["messages"] / max(1, commits), 1)
+        db.close()
+        out["acked_aa"] = len(acked)
+        out["stored"] = len(stored)
+        out["acked_not_stored"] = len(acked - stored)
+        log = (Path(tmp) / "listener.log").read_text(errors="replace")
+        m = re.search(r"(\d+) messages stored in (\d+) commits", log)
+        if m:
+            out["commits"] = int(m.group(2))
+            out["mean_messages_per_commit"] = round(int(m.group(1)) / max(1, int(m.group(2))), 1)
+    out["baselines"] = base = baselines(sample_message(1))
+    fsync = max(out["fsync_ms_before"], out["fsync_ms_after"])
+    for n, fig in out["levels"].items():
+        # stop-and-wait: each sender has one message in flight, so no more than this many can be committed a second
+        fig["fsync_bound_per_s"] = round(int(n) / (fsync / 1000))
+        fig["x_hl7apy_parse"] = round(fig["per_s"] / base["hl7apy_parse_per_s"], 1)
+        fig["x_python_hl7_parse"] = round(fig["per_s"] / base["python_hl7_parse_per_s"], 2)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=6.0, help="how long each level runs (default 6)")
+    p.add_argument("--levels", default=",".join(map(str, LEVELS)), help="concurrent senders per level (1,10,50)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)  # the sender process
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--senders", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--tag", default="B", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.client:
+        client_main(args.port, args.senders, args.seconds, args.tag)
+        return 0
+    out = run(tuple(int(x) for x in args.levels.split(",")), args.seconds)
+    if args.json:
+        print(json.dumps(out))
+        return 0 if out["acked_not_stored"] == 0 else 1
+    b = out["baselines"]
+    print(f"MLLP listener, persist before ACK ({out['store']}), {out['cpus']} CPUs, {b['message_bytes']}-byte ADT^A08")
+    for n, fig in out["levels"].items():
+        print(f"  {n:>3} senders: {fig['per_s']:>7,d} msg/s  p50 {fig['p50_ms']:.2f} ms  p99 {fig['p99_ms']:.2f} ms"
+              f"  ({fig['messages']} in {fig['seconds']} s; x{fig['x_hl7apy_parse']} hl7apy parse, "
+              f"x{fig['x_python_hl7_parse']} python-hl7 parse)")
+    print(f"  acknowledged AA {out['acked_aa']}, stored {out['stored']}, acknowledged but not stored "
+          f"{out['acked_not_stored']}; messages per commit: " + ", ".join(
+              f"{n}: {fig['messages_per_commit']}" for n, fig in out["levels"].items()))
+    print("  listener CPU per message (us): " + ", ".join(
+        f"{n}: {fig['listener_cpu_us_per_msg']}" for n, fig in out["levels"].items())
+        + "; senders' CPU per message (us): " + ", ".join(
+        f"{n}: {fig['sender_cpu_us_per_msg']}" for n, fig in out["levels"].items()))
+    print(f"  4 KiB write+fdatasync here: {out['fsync_ms_before']} ms before, {out['fsync_ms_after']} ms after "
+          f"(stop-and-wait bound: senders / fsync time)")
+    print(f"  same run: hl7apy parse {b['hl7apy_parse_per_s']:,d}/s, "
+          f"python-hl7 parse {b['python_hl7_parse_per_s']:,d}/s, fastcheck {b['fastcheck_per_s']:,d}/s "
+          f"({b['fastcheck_us']} us; x{b['fastcheck_x_hl7apy']} hl7apy, "
+          f"x{b['fastcheck_x_python_hl7']} python-hl7), reference_check {b['reference_check_hl7apy_per_s']:,d}/s, "
+          f"seal {b['seal_us']} us")
+    return 0 if out["acked_not_stored"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
