@@ -47,7 +47,8 @@ def test_every_dag_imports_without_errors_or_lookups(tmp_path: Path) -> None:
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["errors"] == {}
     assert out["looked_up"] == []
-    assert out["dags"] == ["mesh_exchange", "mis_ingest", "nhs_sync", "partnership_summary", "school_feeds"]
+    assert out["dags"] == ["hl7_ingest", "mesh_exchange", "mis_ingest", "nhs_sync", "partnership_summary",
+                           "school_feeds"]
     assert all(n >= 3 for n in out["tasks"].values())
     # Parsing touched no state: no schoolslink home was created.
     assert not (tmp_path / "sl").exists()
