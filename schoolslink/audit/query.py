@@ -2,8 +2,8 @@
 
 The auditor names the child by NHS number or UPN. Neither is in the ledger: entries carry the keyed pseudonym
 the pipeline made (schoolslink/keys.py), so the identifier is checked (check digit, check letter), keyed the same
-way (under every id key and pseudonym key version keys.py holds), and then forgotten: it is never stored, logged, printed or echoed in an
-error message. Which ledger subjects belong to the child:
+way (under every id key and pseudonym key version keys.py holds), and then forgotten: it is never stored, logged,
+printed or echoed in an error message. Which ledger subjects belong to the child:
 
 * a UPN: its learner key; a learner renumbered to or from it (learner_events 'renumbered'); and the trust
   patients a link ties the learner to (their patient keys).
