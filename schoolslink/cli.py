@@ -368,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     from schoolslink.mllp_cli import register_mllp
 
     register_mllp(sub)  # mllp listen | mllp send (docs/mllp.md)
+    from schoolslink.portal_cli import register_portal
+
+    register_portal(sub)  # portal | portal user ... | portal events (docs/portal.md)
     return p
 
 

@@ -372,3 +372,62 @@ hl7_messages = Table(
     # A message is stored once: the same MSH-10 from the same sender is acknowledged again, never stored again.
     Index("uq_hl7_messages_sender_control_id", "sender", "control_id", unique=True),
 )
+
+# The school portal (migration 0008; docs/portal.md): its accounts, sessions and its own audit log. Staff data
+# only: nothing here is about a pupil (pupil page views and downloads go to the ledger).
+
+portal_users = Table(
+    "portal_users",
+    metadata,
+    # One person who may sign in: a local account (password + TOTP) or one that signs in through OIDC.
+    Column("user_id", String(40), primary_key=True),  # 'u-' + random hex: the ledger's recipient 'portal:<id>'
+    Column("email", String(254), nullable=False, unique=True),  # lower case
+    Column("role", String(20), nullable=False),  # dsl | smhl | school_admin | link_worker
+    Column("organisations", JSON, nullable=False),  # school URNs (school roles) or trust ODS codes (link_worker)
+    Column("auth", String(10), nullable=False),  # local | oidc
+    Column("password_hash", String(200)),  # argon2id, local accounts only
+    Column("totp_sealed", Text),  # the TOTP secret, AES-256-GCM under the seal key (kept outside the database)
+    Column("totp_last_step", BigInteger),  # the last TOTP time step accepted: no code is accepted twice
+    Column("oidc_issuer", String(300)),
+    Column("oidc_subject", String(300)),
+    Column("disabled", Boolean, nullable=False, default=False),
+    Column("failed_attempts", Integer, nullable=False, default=0),  # failed sign-ins in a row
+    Column("locked_until", DateTime(timezone=True)),  # sign-in refused until then (too many failures)
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_by", String(60), nullable=False),  # 'cli', 'oidc' or the admin's user id
+    Column("last_sign_in_at", DateTime(timezone=True)),
+    Index("uq_portal_users_oidc_issuer", "oidc_issuer", "oidc_subject", unique=True),
+)
+
+portal_sessions = Table(
+    "portal_sessions",
+    metadata,
+    # A browser's sign-in in progress ('login') or signed-in session ('session'). The cookie holds a random
+    # token; only its SHA-256 is kept, so a copy of this table opens no session.
+    Column("session_hash", String(64), primary_key=True),
+    Column("kind", String(10), nullable=False),  # login | session
+    Column("user_id", String(40)),
+    Column("csrf_token", String(64), nullable=False),  # the synchroniser token every POST form carries
+    Column("role", String(20)),
+    Column("organisations", JSON),  # as signed in (OIDC: from the organisation claim)
+    Column("pending", JSON),  # a sign-in under way: the user awaiting a TOTP code, or OIDC state, nonce, verifier
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("last_seen_at", DateTime(timezone=True), nullable=False),  # idle expiry counts from here
+    Column("expires_at", DateTime(timezone=True), nullable=False),  # absolute expiry
+    Column("ended_at", DateTime(timezone=True)),  # signed out or replaced
+    Index("ix_portal_sessions_user_id", "user_id"),
+)
+
+portal_events = Table(
+    "portal_events",
+    metadata,
+    # The portal's own audit log: sign-ins, sign-outs, refused requests (another school's page: 404), account
+    # changes. Never pupil data, a pupil id, a password or a code. What was shown about a pupil is in the ledger.
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("user_id", String(40)),
+    Column("event", String(30), nullable=False),
+    Column("organisation", String(10)),  # the school URN or trust ODS code the request named, if any
+    Column("detail", String(300)),
+    Index("ix_portal_events_at", "at"),
+)
