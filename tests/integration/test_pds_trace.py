@@ -186,8 +186,12 @@ def test_a_body_that_is_not_json_is_refused(client: PdsFhirClient, pds: PdsServe
         client.search(family="Smith", given="Jo", birthdate="2010-10-22")
 
 
-def test_request_log_lines_hold_no_names_or_numbers(client: PdsFhirClient, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.DEBUG):
+def test_request_log_lines_hold_no_names_or_numbers(client: PdsFhirClient, caplog: pytest.LogCaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # httpx's own INFO line is the one at risk; an in-process Airflow earlier in the session may have set that
+    # logger to WARNING or stopped it propagating (Airflow's logging config does), so say what this test needs.
+    monkeypatch.setattr(logging.getLogger("httpx"), "propagate", True)
+    with caplog.at_level(logging.DEBUG), caplog.at_level(logging.INFO, logger="httpx"):
         client.search(family="Smith", given="Jane", birthdate="2010-10-22", postcode="LS1 6AE")
         client.read("9000000009")
     text = "\n".join(r.getMessage() for r in caplog.records)
