@@ -5,15 +5,18 @@
 
 One asyncio server (`asyncio.Protocol`, on uvloop when it is installed), any number of connections, each carrying
 any number of messages, one at a time (stop-and-wait) or pipelined. For each frame: the hot-path checks, then the
-message is queued for the store's next group commit; when the commit that holds it has returned, its ACK (AA, or
-AE/AR with ERR-3) is written back. A connection's ACKs go back in the order its messages arrived. An ACK is never
-written for a message that is not yet on disk: that is what AA means here.
+message is queued for the store's next group commit, which runs in the writer process (store.WriterProcess: sealing,
+SQLite and fsync on another core, not under this process's interpreter lock); one batch is in flight at a time, and
+what arrives meanwhile is the next. When the writer answers that the commit holding a message has returned, its ACK
+(AA, or AE/AR with ERR-3) is written back. A connection's ACKs go back in the order its messages arrived. An ACK is
+never written for a message that is not yet on disk: that is what AA means here. Should the writer process die,
+the listener stops (with an error) without acknowledging what it had not answered.
 
 - A connection that pipelines more than `max_inflight` unacknowledged messages is paused until ACKs catch up.
 - A frame over `max_message` bytes (1 MiB) is refused with AR 207 unread and not stored; its ACK keeps its place.
 - `on_stored(new_messages, highest_id)`, if given, is called once per committed batch that stored messages to
-  apply, on a thread of its own, never delaying a commit or an ACK (that is how events are published; this module
-  imports no event library). Its exceptions are logged by type, without message content.
+  apply, on a thread of its own (in this process), never delaying a commit or an ACK (that is how events are
+  published; this module imports no event library). Its exceptions are logged by type, without message content.
 - SIGTERM or SIGINT: stop accepting and stop reading, commit and acknowledge everything already received, close.
 - Logs carry counts, ids and peer addresses, never message content.
 
@@ -34,21 +37,22 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar, Final, cast
+from typing import Any, ClassVar, Final, cast
 
 from connectors.hl7v2.ack import build_ack
 from connectors.hl7v2.fastcheck import REFUSE_REJECT, Checked, check
 from connectors.hl7v2.mllp import MAX_FRAME, FrameDecoder, Oversize
-from connectors.hl7v2.store import MessageStore, Pending
+from connectors.hl7v2.store import T_CHECK_FAILED, MessageStore, Pending, WriterProcess, reply
 from connectors.peer_process import REPO_ROOT, PeerProcess
 
-__all__ = ["ListenerProcess", "MllpListener", "run", "server_context"]
+__all__ = ["T_CHECK_FAILED", "T_OVERSIZE", "ListenerProcess", "MllpListener", "run", "server_context"]
 
 log = logging.getLogger(__name__)
 
 T_OVERSIZE: Final = "message over the listener's size limit: not stored; split it, or ask for the limit to be raised"
-T_CHECK_FAILED: Final = "the listener could not check this message (an internal error): it was kept; tell the operator"
 _STATS_EVERY: Final = 10.0  # seconds between the counts in the log
+_MAX_BATCH: Final = 10_000  # frames per hand-over to the writer
+_MAX_BYTES: Final = 64 << 20  # and bytes (the pipe's framing takes under 2 GiB a message)
 
 
 def server_context(cert: str | Path, key: str | Path, client_ca: str | Path | None = None) -> ssl_module.SSLContext:
@@ -93,18 +97,21 @@ class _Connection(asyncio.Protocol):
             lst.counts["dropped_at_shutdown"] += len(self.decoder.feed(data))
             return
         ready = False
+        q = self.queue
         for fr in self.decoder.feed(data):
-            if isinstance(fr, Oversize):
+            if fr.__class__ is Oversize:
+                assert isinstance(fr, Oversize)
                 c = check(fr.head)
                 p = Pending(c, b"", self)
                 p.ack, p.error, p.text = REFUSE_REJECT, "207", T_OVERSIZE
                 p.reply = build_ack(c, REFUSE_REJECT, "207", T_OVERSIZE, framed=True)  # ready now: nothing to store
+                q.append(p)
                 lst.counts["oversize"] += 1
                 log.warning("a %d-byte message from %s refused: over the %d-byte limit", fr.length, self.peer,
                             lst.max_message)
-                self.queue.append(p)
                 ready = True
                 continue
+            assert isinstance(fr, bytes)
             try:
                 c = check(fr)
             except Exception as exc:  # noqa: BLE001 - a bug in the checks must not drop the connection's messages
@@ -112,11 +119,11 @@ class _Connection(asyncio.Protocol):
                           type(exc).__name__)
                 c = Checked(REFUSE_REJECT, "207", T_CHECK_FAILED, None, None, None, None, None, None)
             p = Pending(c, fr, self)
-            self.queue.append(p)
+            q.append(p)
             lst.enqueue(p)
         if ready:
             self.flush()
-        if len(self.queue) > lst.max_inflight and not self.paused and self.transport is not None:
+        if len(q) > lst.max_inflight and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
 
@@ -156,8 +163,12 @@ class MllpListener:
         self.connections: set[_Connection] = set()
         self.counts = {"connections": 0, "messages": 0, "oversize": 0, "discarded_bytes": 0, "dropped_at_shutdown": 0}
         self.stopping = False
-        self._outbox: list[Pending] = []
-        self._inflight = 0  # submitted to the store, not yet committed
+        self._outbox: list[Pending] = []  # received, not yet handed to the writer
+        self._batch: list[Pending] | None = None  # with the writer: its commit not yet answered
+        self._inflight = 0  # received, not yet committed
+        self._writer: WriterProcess | None = None
+        self._hooks: Any = None
+        self.failed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
         self._stopped: asyncio.Event | None = None
@@ -167,37 +178,67 @@ class MllpListener:
     # -- the hot path ---------------------------------------------------------------------------------------------
 
     def enqueue(self, p: Pending) -> None:
-        if not self._outbox:
+        self._inflight += 1
+        if not self._outbox and self._batch is None:
             assert self._loop is not None
             self._loop.call_soon(self._submit)  # once per loop pass: every connection's frames in one hand-over
         self._outbox.append(p)
 
     def _submit(self) -> None:
-        batch, self._outbox = self._outbox, []
-        if not batch:
+        """Hand what was received to the writer, unless a commit is in flight: then it is the next batch."""
+        if self._batch is not None or not self._outbox or self._writer is None:
             return
-        self._inflight += len(batch)
-        self.store.submit(batch)
+        n = size = 0
+        for p in self._outbox:  # up to _MAX_BATCH frames, and about _MAX_BYTES (one frame is up to 1 MiB)
+            n += 1
+            size += len(p.body)
+            if n >= _MAX_BATCH or size >= _MAX_BYTES:
+                break
+        batch = self._outbox[:n]
+        del self._outbox[:n]
+        self._batch = batch
+        self._writer.send(batch)
 
-    def _committed(self, batch: list[Pending]) -> None:
-        """On the loop, after the commit holding `batch` returned: build each ACK, write what is ready."""
+    def _committed(self, answer: bytes) -> None:
+        """The writer answered (the commit holding the batch in flight has returned): write its ACKs, hand over
+        the next batch."""
+        batch, self._batch = self._batch, None
+        assert batch is not None
+        new, highest, stats = WriterProcess.answer(answer, batch)
+        self._submit()  # the next group commit starts before this one's ACKs are written
+        self.store.stats.update(stats)
         owners = set()
         for p in batch:
-            c = p.checked
-            p.reply = build_ack(c, p.ack or REFUSE_REJECT, p.error, p.text,
-                                None if p.duplicate or p.error != c.error else c.location, framed=True)
+            p.reply = reply(p)
             p.body = b""
             owners.add(p.owner)
         for conn in owners:
             conn.flush()
         self._inflight -= len(batch)
         self.counts["messages"] += len(batch)
+        if new and self._hooks is not None:
+            self._hooks.submit(self.store._call_on_stored, new, highest)
         if self._inflight == 0 and self._drained is not None:
             self._drained.set()
 
-    def _on_commit(self, batch: list[Pending]) -> None:  # on the store's writer thread
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._committed, batch)
+    def _writer_lost(self) -> None:
+        """The writer process is gone: what it had not answered is unacknowledged (the senders will send it again;
+        what it did commit is deduplicated then). Fail-stop: close every connection and stop, with an error."""
+        log.critical("the HL7v2 store's writer process is gone: %d messages unacknowledged; stopping",
+                     self._inflight)
+        self.failed = self.stopping = True
+        self._inflight = 0
+        self._outbox.clear()
+        self._batch = None
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        if self._drained is not None:
+            self._drained.set()
+        elif self._stopped is not None:
+            self._stopped.set()
 
     # -- lifecycle --------------------------------------------------------------------------------------------------
 
@@ -205,7 +246,13 @@ class MllpListener:
         """Start the writer and the server; returns the port (useful with port 0)."""
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        self.store.start(self._on_commit, self.on_stored)
+        if self.on_stored is not None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.store._on_stored = self.on_stored
+            self._hooks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hl7-on-stored")
+        self._writer = await self._loop.run_in_executor(None, WriterProcess, self.store)
+        await self._writer.connect(self._committed, self._writer_lost)
         self._server = await self._loop.create_server(lambda: _Connection(self), self.host, self.port, ssl=self.ssl,
                                                       reuse_address=True, backlog=512)
         sock = self._server.sockets[0]
@@ -239,6 +286,8 @@ class MllpListener:
         assert self._stopped is not None
         await self._stopped.wait()
         stats.cancel()
+        if self.failed:
+            raise RuntimeError("the HL7v2 store's writer process is gone")
 
     async def _log_stats(self) -> None:
         seen = dict(self.store.stats)
@@ -266,8 +315,7 @@ class MllpListener:
         t0 = time.monotonic()
         if self._server is not None:
             self._server.close()
-        if self._outbox:
-            self._submit()
+        self._submit()
         self._drained = asyncio.Event()
         if self._inflight:
             with contextlib.suppress(TimeoutError):
@@ -292,6 +340,11 @@ class MllpListener:
                 conn.transport.close()
         await asyncio.sleep(0)
         loop = asyncio.get_running_loop()
+        if self._writer is not None:
+            self._writer.close_pipe()
+            await loop.run_in_executor(None, self._writer.close)
+        if self._hooks is not None:
+            await loop.run_in_executor(None, self._hooks.shutdown)
         await loop.run_in_executor(None, self.store.close)
         s = self.store.stats
         log.info("MLLP listener stopped in %.1f s: %d messages stored in %d commits, %d duplicates, %d refused, "

@@ -4,10 +4,12 @@ Table `hl7_messages` (schoolslink/store/schema.py, migration 0007) in the state 
 under SCHOOLSLINK_HOME, in WAL mode with `synchronous=FULL`, so a commit has reached the disk when it returns) or
 PostgreSQL (`synchronous_commit=on`), or any URL given.
 
-Group commit. The listener hands messages over with `submit`; one writer thread takes everything queued while its
-previous commit was in flight and stores it as one multi-row INSERT (one transaction, one fsync for the lot), then
-calls the listener's `on_commit` with the batch, whose items now carry the code to acknowledge. Nothing is
-acknowledged before that call. Duplicates are looked up just before, in one query per sender.
+Group commit. The listener runs the writer in a process of its own (`WriterProcess`, which runs `serve_pipe`):
+it sends everything received while the previous commit was in flight, and the writer stores it as one multi-row
+INSERT (one transaction, one fsync for the lot), then answers with the outcomes, which the listener sets on its
+items before it writes any of their ACKs. Nothing is acknowledged before that answer. (`start`/`submit` give the
+same group commit on a thread, calling `on_commit` with the batch.) Duplicates are looked up just before, in one
+query per sender.
 
 What is stored, per message: sender (MSH-3^MSH-4), control id (MSH-10), message type (`ADT^A08`), when it arrived,
 the body sealed (AES-256-GCM under the seal key of connectors/storage/sealed.py, which lives outside the database;
@@ -38,14 +40,24 @@ A reason names a segment, field and rule, never a value (it is read by people wh
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import hashlib
 import logging
+import marshal
+import os
 import secrets
+import signal
+import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, Final
 
 from cryptography.exceptions import InvalidTag
@@ -53,18 +65,20 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.engine import make_url
 
+from connectors.hl7v2.ack import build_ack
 from connectors.hl7v2.fastcheck import ACCEPT, REFUSE_REJECT, Checked
 from connectors.storage.sealed import SealedFileError, key_id, seal_key
 from schoolslink.settings import db_url
 from schoolslink.store.db import migrate
 from schoolslink.store.schema import hl7_messages
 
-__all__ = ["STATUSES", "MessageSealer", "MessageStore", "Pending", "StoredMessage"]
+__all__ = ["STATUSES", "MessageSealer", "MessageStore", "Pending", "StoredMessage", "WriterProcess", "reply"]
 
 log = logging.getLogger(__name__)
 
 STATUSES: Final = ("received", "applied", "quarantined")
 T_NOT_STORED: Final = "the message could not be stored and was not kept: send it again"
+T_CHECK_FAILED: Final = "the listener could not check this message (an internal error): it was kept; tell the operator"
 _KEY_MAX: Final = 200  # sender and control id columns; a longer value is kept as its hash
 _TYPE_MAX: Final = 100
 _MAX_BATCH: Final = 10_000
@@ -74,6 +88,7 @@ _MAX_BATCH: Final = 10_000
 # few sizes, so a few prepared statements serve every batch.
 _ROWS: Final = 256
 _SIZES: Final = (1, 4, 16, 64, 256)
+_REPO: Final = Path(__file__).resolve().parents[2]
 
 
 class Pending:
@@ -263,6 +278,7 @@ class MessageStore:
 
     def __init__(self, url: str | None = None, *, key: bytes | None = None) -> None:
         self.url = url or db_url()
+        self.key = key  # None: the seal key from the environment (a writer process finds it the same way)
         self._idle = False  # the writer waits for work: the next submit wakes it
         self.engine: Engine = migrate(self.url)
         self.sealer = MessageSealer(key)
@@ -292,13 +308,16 @@ class MessageStore:
         self._on_stored = on_stored
         if on_stored is not None:
             self._hooks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hl7-on-stored")
+        self._start_checkpoints()
+        self._thread = threading.Thread(target=self._run, name="hl7-store-writer", daemon=True)
+        self._thread.start()
+
+    def _start_checkpoints(self) -> None:
         conn = self._writer.connect()
         if self._writer.backend == "sqlite":
             conn.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run on a thread of their own (_checkpoints)
             self._checkpointer = threading.Thread(target=self._checkpoints, name="hl7-store-checkpoint", daemon=True)
             self._checkpointer.start()
-        self._thread = threading.Thread(target=self._run, name="hl7-store-writer", daemon=True)
-        self._thread.start()
 
     def submit(self, items: Iterable[Pending]) -> None:
         """Queue messages for the next commit (any thread)."""
@@ -350,6 +369,28 @@ class MessageStore:
                 log.error("acknowledging a batch of %d messages failed (%s)", len(batch), type(exc).__name__)
             if new and self._hooks is not None:
                 self._hooks.submit(self._call_on_stored, new, highest)
+
+    def serve_pipe(self, conn: Any) -> None:
+        """The writer process's loop (`WriterProcess`): each request on `conn` is one batch, each message as
+        `WriterProcess.item` makes it (the listener's verdict and the frame); store it in one commit (`write`), and
+        only then answer with the outcomes that differ from the verdicts (duplicates, a failed commit), new
+        messages, highest id and stats. Ends when the listener closes its end."""
+        self._start_checkpoints()
+        conn.send_bytes(b"ready")
+        try:
+            while True:
+                try:
+                    blob = conn.recv_bytes()
+                except (EOFError, OSError):
+                    return
+                batch = [Pending(Checked(a, e, t, None, None, None, s, cid, mt), body)
+                         for a, e, t, s, cid, mt, body in marshal.loads(blob)]  # noqa: S302 - our own pipe
+                new, highest = self.write(batch)
+                changed = [(i, p.ack, p.error, p.text, p.duplicate) for i, p in enumerate(batch)
+                           if p.duplicate or p.ack != p.checked.ack or p.error != p.checked.error]
+                conn.send_bytes(marshal.dumps((changed, new, highest, self.stats)))
+        finally:
+            self.close()
 
     def _checkpoints(self) -> None:
         """SQLite: copy the WAL into the database file now and then, off the writer's path (a checkpoint run by the
@@ -523,3 +564,127 @@ class MessageStore:
             q = q.where(t.sender == sender)
         with self.engine.connect() as conn:
             return {r[0] for r in conn.execute(q)}
+
+
+def reply(p: Pending) -> bytes:
+    """The framed ACK of a message whose outcome the store has set (after its commit)."""
+    c = p.checked
+    return build_ack(c, p.ack or REFUSE_REJECT, p.error, p.text,
+                     None if p.duplicate or p.error != c.error else c.location, framed=True)
+
+
+def _writer_main(fd: int) -> None:
+    """The writer process (`python -c`, see WriterProcess): its settings arrive first on the pipe. It stops when
+    the listener closes the pipe (or dies), never on a signal, so a SIGTERM or Ctrl-C sent to the whole process
+    group still lets the listener commit and acknowledge what it received."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    conn = Connection(fd)
+    url, key, level = marshal.loads(conn.recv_bytes())  # noqa: S302 - from the listener that started us
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s (writer): %(message)s")
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 100)
+    MessageStore(url, key=key).serve_pipe(conn)
+
+
+class _Answers(asyncio.Protocol):
+    """The listener's end of the writer pipe: length-prefixed answers (multiprocessing's framing) in, one call each."""
+
+    def __init__(self, on_answer: Callable[[bytes], None], on_lost: Callable[[], None]) -> None:
+        self.on_answer = on_answer
+        self.on_lost = on_lost
+        self.buf = bytearray()
+        self.closing = False
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        while len(buf) >= 4:
+            n = int.from_bytes(buf[:4], "big", signed=True)
+            if len(buf) < 4 + n:
+                return
+            msg = bytes(buf[4:4 + n])
+            del buf[:4 + n]
+            self.on_answer(msg)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closing:
+            self.on_lost()
+
+
+class WriterProcess:
+    """The store's writer in a process of its own, so sealing, SQLite and fsync run on another core than the event
+    loop (no shared interpreter lock). The listener sends a batch with `send`; `on_answer` gets the answer after
+    the commit that holds it returned, and `answer` sets each message's outcome from it. The listener keeps one
+    batch in flight: what arrives meanwhile is the next batch (group commit)."""
+
+    def __init__(self, store: MessageStore) -> None:
+        # a fresh interpreter (not a fork: no threads, loop or connections copied; not multiprocessing's spawn,
+        # which would run the parent's __main__ again); settings, the seal key with them, go over the pipe
+        ours, theirs = socket.socketpair()
+        code = (f"import sys; sys.path.insert(0, {str(_REPO)!r}); "
+                f"from connectors.hl7v2.store import _writer_main; _writer_main({theirs.fileno()})")
+        self.process = subprocess.Popen([sys.executable, "-c", code], pass_fds=[theirs.fileno()],
+                                        stdin=subprocess.DEVNULL)
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        try:
+            self._conn.send_bytes(marshal.dumps((store.url, store.key, logging.getLogger().getEffectiveLevel())))
+            if self._conn.recv_bytes() != b"ready":
+                raise EOFError
+        except (EOFError, OSError):
+            self._conn.close()
+            code_ = self.process.wait(10)
+            raise RuntimeError(f"the HL7v2 store's writer process failed to start (exit status {code_})") from None
+        self._transport: asyncio.Transport | None = None
+        self._answers: _Answers | None = None
+
+    async def connect(self, on_answer: Callable[[bytes], None], on_lost: Callable[[], None]) -> None:
+        """Put the pipe on the running loop (non-blocking both ways)."""
+        sock = socket.socket(fileno=os.dup(self._conn.fileno()))
+        self._conn.close()
+        sock.setblocking(False)
+        answers = self._answers = _Answers(on_answer, on_lost)
+        transport, _ = await asyncio.get_running_loop().create_unix_connection(lambda: answers, sock=sock)
+        self._transport = transport
+
+    def send(self, batch: list[Pending]) -> None:
+        assert self._transport is not None
+        blob = marshal.dumps([(c.ack, c.error, c.text, c.sender, c.control_id, c.message_type, p.body)
+                              for p in batch for c in (p.checked,)])
+        self._transport.writelines((len(blob).to_bytes(4, "big", signed=True), blob))
+
+    @staticmethod
+    def answer(msg: bytes, batch: list[Pending]) -> tuple[int, int, dict[str, int]]:
+        """Set the outcome of each message of `batch` (the batch in flight) from the writer's answer; returns
+        (new messages, highest id, the store's stats)."""
+        changed, new, highest, stats = marshal.loads(msg)  # noqa: S302 - from our own child, over our own pipe
+        for p in batch:
+            c = p.checked
+            p.ack, p.error, p.text = c.ack, c.error, c.text
+        for i, ack, error, text, duplicate in changed:
+            p = batch[i]
+            p.ack, p.error, p.text, p.duplicate = ack, error, text, duplicate
+        return new, highest, stats
+
+    def close_pipe(self) -> None:
+        """Close the pipe (on the loop): the writer process finishes (nothing is in flight by then) and exits."""
+        if self._answers is not None:
+            self._answers.closing = True
+        if self._transport is not None:
+            self._transport.close()
+        else:
+            self._conn.close()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Wait for the writer process to exit after `close_pipe` (which this calls if it was not connected)."""
+        if self._transport is None:
+            self.close_pipe()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.error("the HL7v2 store's writer process did not stop in %.0f s: killed", timeout)
+            self.process.kill()
+            self.process.wait(5)

@@ -455,10 +455,14 @@ def test_strace_wal_is_fsynced_before_each_ack_is_written(env: dict[str, str], t
     batches = set()
     for cid in ids:
         # the commit that stored the message: the first WAL write holding its control id (the row or its index
-        # entry; later commits rewrite the same pages), by the writer thread
+        # entry; later commits rewrite the same pages), by the writer: a process of its own, the listener's child,
+        # which `strace -f` follows (its ACK is written by the listener's event loop, in another process; times
+        # from -tt are wall-clock, so they compare across processes)
         stored = next(e for e in wal if e[1] == "start" and e[2] == "pwrite64" and cid in e[4])
-        acked = next(e[0] for e in events if e[1] == "start" and e[2] in ("write", "writev", "sendto", "sendmsg")
-                     and "TCP" in e[3] and f"MSA|AA|{cid}\\r" in e[4])
+        ack = next(e for e in events if e[1] == "start" and e[2] in ("write", "writev", "sendto", "sendmsg")
+                   and "TCP" in e[3] and f"MSA|AA|{cid}\\r" in e[4])
+        acked = ack[0]
+        assert ack[5] != stored[5], "the WAL should be written by the writer process, not the event loop"
         assert stored[0] < acked, f"{cid}: acknowledged before it was written to the WAL"
         synced = [e for e in wal if e[1] == "end" and e[2] in ("fdatasync", "fsync") and e[5] == stored[5]
                   and stored[0] < e[0] <= acked]
