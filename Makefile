@@ -71,6 +71,7 @@ bench: install
 	$(BIN)/python -m benchmarks.ctf_stream
 	$(BIN)/python -m benchmarks.fhir_io
 	$(BIN)/python -m benchmarks.mllp
+	$(BIN)/python -m benchmarks.events
 	$(BIN)/python -m benchmarks.run
 
 clean:

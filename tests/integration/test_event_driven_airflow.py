@@ -9,208 +9,51 @@ b. The triggerer killed (`kill -9`): a file dropped now publishes an event nobod
    run does exactly what a `scheduled` one does). The file is processed once: one sealed copy, its pupils once in
    the state store, no learner events; and when the triggerer is back, nothing replays the lost event.
 
-Other DAGs are paused at creation (only mis_ingest is unpaused), so nothing else competes for the two cores.
+Other DAGs are paused at creation (only mis_ingest is unpaused), so nothing else competes for the two cores. The
+stack, the drops and the waiting come from schoolslink/airflow_services.py (benchmarks/events.py uses them too).
 """
 
 from __future__ import annotations
 
 import json
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import date, datetime
+from collections.abc import Iterator
+from datetime import date
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
-import psutil
 import pytest
 import redis
 from sqlalchemy import create_engine, func, select
 
 from connectors.storage.sealed import read_header
-from schoolslink.airflow_runner import airflow_env, ensure_metadata_db
+from schoolslink.airflow_services import Stack, drop, finished, make_exports, stamp, start_stack, wait_for
 from schoolslink.store.schema import learner_events, learners
 from tests.integration.test_events_redis import REDIS_URL, _redis_up
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not _redis_up(), reason="no Redis at 127.0.0.1:6379")]
-T = TypeVar("T")
 RUN_DATE = date(2026, 11, 26)
-
-
-def wait_for(check: Callable[[], T | None], timeout: float, what: str, stack: Stack | None = None) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}" + (stack.tails() if stack else ""))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Stack:
-    home: Path
-    env: dict[str, str]
-    api: str
-    prefix: str
-    logs: Path
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    def start(self, name: str, *args: str) -> None:
-        log = (self.logs / f"{name}.log").open("ab")
-        self.procs[name] = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
-
-    def start_airflow(self, name: str, *args: str) -> None:
-        self.start(name, str(Path(sys.executable).with_name("airflow")), name, *args)
-
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Signal a service and everything it started (task workers run in sessions of their own)."""
-        proc = self.procs.pop(name)
-        try:
-            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            tree = []
-        for p in tree:
-            try:
-                p.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
-        _gone, alive = psutil.wait_procs(tree, timeout=20)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=10)
-        proc.wait(timeout=10)
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            self.kill(name, signal.SIGTERM)
-
-    def tails(self) -> str:
-        out = []
-        for f in sorted(self.logs.glob("*.log")):
-            lines = f.read_text(errors="replace").splitlines()[-15:]
-            out.append(f"\n--- {f.name} ---\n" + "\n".join(lines))
-        return "".join(out)
-
-    def get(self, path: str, **params: Any) -> Any:
-        r = httpx.get(f"{self.api}{path}", params=params, timeout=30)
-        r.raise_for_status()
-        return r.json()
-
-    def runs(self) -> list[dict[str, Any]]:
-        return list(self.get("/api/v2/dags/mis_ingest/dagRuns", order_by="run_after", limit=100)["dag_runs"])
-
-    def landing_subscribers(self) -> int:
-        return int(redis.Redis.from_url(REDIS_URL).pubsub_numsub(f"{self.prefix}.landing")[0][1])
-
-
-def _healthy(stack: Stack) -> bool:
-    try:
-        h = stack.get("/api/v2/monitor/health")
-    except httpx.HTTPError:
-        return False
-    return all(h.get(k, {}).get("status") == "healthy" for k in ("metadatabase", "scheduler", "triggerer",
-                                                                  "dag_processor"))
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, exports: dict[str, Path]) -> Iterator[Stack]:
+    """The stack of schoolslink/airflow_services.py with events on and the sweep off, on its own channel prefix;
+    each school's drop folder exists, as it does in a deployment (an SFTP chroot, a share)."""
     home = tmp_path_factory.mktemp("events") / "home"
-    for urn in exports:  # each school's drop folder exists, as it does in a deployment (an SFTP chroot, a share)
-        (home / "landing" / "mis" / urn).mkdir(parents=True)
-    env = airflow_env(home)
-    api_port = _free_port()
-    prefix = f"sltest-{uuid.uuid4().hex[:10]}"
-    env.update({
-        "SCHOOLSLINK_KEY": "event-driven-test-key",
-        "SCHOOLSLINK_CHUNKS": "1",
-        "SCHOOLSLINK_EVENTS": REDIS_URL,
-        "SCHOOLSLINK_EVENTS_PREFIX": prefix,
-        "SCHOOLSLINK_SWEEP": "off",
-        "AIRFLOW_CONN_SCHOOLSLINK_EVENTS": "redis://127.0.0.1:6379",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__CORE__PARALLELISM": "4",
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-        "AIRFLOW__API_AUTH__JWT_SECRET": uuid.uuid4().hex,
-        "AIRFLOW__API__WORKERS": "1",
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{api_port}",
-        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),
-        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(_free_port()),
-        "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
-        "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "8",
-        "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
-    })
-    logs = home / "service-logs"
-    logs.mkdir(parents=True)
-    ensure_metadata_db(env)
-    s = Stack(home, env, f"http://127.0.0.1:{api_port}", prefix, logs)
-    try:
-        s.start_airflow("api-server", "--host", "127.0.0.1", "--port", str(api_port))
-        s.start_airflow("scheduler")
-        s.start_airflow("dag-processor")
-        s.start_airflow("triggerer")
-        s.start("watcher", sys.executable, "-m", "schoolslink.events_cli", "landing", "watch")
-        wait_for(lambda: _healthy(s), 180, "the Airflow services to report healthy", s)
-        wait_for(lambda: _dag_known(s), 120, "the dag-processor to parse mis_ingest", s)
-        httpx.patch(f"{s.api}/api/v2/dags/mis_ingest", json={"is_paused": False}, timeout=30).raise_for_status()
-        wait_for(lambda: s.landing_subscribers() >= 1, 120, "the triggerer to subscribe to the landing channel", s)
-        wait_for(lambda: "WATCHING" in (logs / "watcher.log").read_text(), 60, "the landing watcher", s)
+    with start_stack(home, schools=exports, redis_url=REDIS_URL, prefix=f"sltest-{uuid.uuid4().hex[:10]}",
+                     sweep=False, key="event-driven-test-key", chunks=1) as s:
         yield s
-    finally:
-        s.stop_all()
-
-
-def _dag_known(s: Stack) -> bool:
-    try:
-        return bool(s.get("/api/v2/dags/mis_ingest")["dag_id"])
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two schools' CTF exports, made outside the landing zone (dropping one is a move into place)."""
-    from schoolslink.synth import synthesise
-
-    staging = tmp_path_factory.mktemp("staging")
-    synthesise(staging, schools=2, pupils=40, seed=11, as_of=RUN_DATE)
-    return {p.parent.name: p for p in sorted((staging / "landing" / "mis").glob("*/*.xml"))}
+    return make_exports(tmp_path_factory.mktemp("staging"), schools=2, pupils=40, seed=11, as_of=RUN_DATE)
 
 
 def pupils_in(export: Path) -> int:
     return export.read_text(encoding="utf-8").count("<Pupil>")
-
-
-def drop(stack: Stack, export: Path) -> float:
-    at = time.time()
-    export.rename(stack.home / "landing" / "mis" / export.parent.name / export.name)
-    return at
-
-
-def finished(stack: Stack, known: set[str]) -> dict[str, Any] | None:
-    for run in stack.runs():
-        if run["dag_run_id"] not in known and run["state"] in ("success", "failed"):
-            return run
-    return None
 
 
 def store_counts(stack: Stack, urn: str) -> tuple[int, int]:
@@ -233,10 +76,6 @@ def sealed_copies(stack: Stack, urn: str) -> list[dict[str, Any]]:
     return [read_header(p) for p in sorted(folder.glob("*.sealed"))]
 
 
-def _stamp(s: str) -> float:
-    return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
-
-
 def test_a_dropped_file_starts_an_asset_triggered_run(stack: Stack, exports: dict[str, Path]) -> None:
     import hashlib
 
@@ -247,9 +86,9 @@ def test_a_dropped_file_starts_an_asset_triggered_run(stack: Stack, exports: dic
     run = wait_for(lambda: finished(stack, known), 240, "a mis_ingest run after the drop", stack)
     assert run["run_type"] == "asset_triggered", run
     assert run["state"] == "success", stack.tails()
-    print(f"\nevent-driven latency: drop -> run queued {_stamp(run['queued_at']) - dropped:.2f}s, "
-          f"drop -> run started {_stamp(run['start_date']) - dropped:.2f}s "
-          f"(run took {_stamp(run['end_date']) - _stamp(run['start_date']):.1f}s)")
+    print(f"\nevent-driven latency: drop -> run queued {stamp(run['queued_at']) - dropped:.2f}s, "
+          f"drop -> run started {stamp(run['start_date']) - dropped:.2f}s "
+          f"(run took {stamp(run['end_date']) - stamp(run['start_date']):.1f}s)")
 
     assert store_counts(stack, urn) == (expected, 0)
     [header] = sealed_copies(stack, urn)
@@ -285,7 +124,7 @@ def test_a_lost_event_is_swept_up_once(stack: Stack, exports: dict[str, Path]) -
 
     # The triggerer comes back: the lost event is not replayed (pub/sub keeps nothing).
     events_before = stack.get("/api/v2/assets/events", limit=100)["total_entries"]
-    stack.start_airflow("triggerer")
+    stack.start_service("triggerer")
     wait_for(lambda: stack.landing_subscribers() >= 1, 120, "the restarted triggerer to subscribe", stack)
     # A marker event proves the restarted triggerer is live; it must be the only event since the restart.
     known = {r["dag_run_id"] for r in stack.runs()}
