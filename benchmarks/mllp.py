@@ -130,7 +130,7 @@ async def _senders(port: int, n: int, seconds: float, tag: str) -> dict[str, Any
             "sender_cpu_us_per_msg": round((cpu.ru_utime + cpu.ru_stime) / max(1, len(lat)) * 1e6, 1)}
 
 
-def client_main(port: int, n: int, seconds: float, tag: str) -> None:
+def client_main(port: int, n: int, seconds: float, tag: str, out: str) -> None:
     try:
         import uvloop
         factory: Any = uvloop.new_event_loop
@@ -138,8 +138,9 @@ def client_main(port: int, n: int, seconds: float, tag: str) -> None:
         factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
         res = runner.run(_senders(port, n, seconds, tag))
-    os.set_blocking(sys.stdout.fileno(), True)  # a large document to a pipe: never a partial, non-blocking write
-    print(json.dumps(res), flush=True)
+    # to a file, not stdout: the result holds every acknowledged id (megabytes), and a pipe the event loop left
+    # non-blocking once cut such a document short
+    Path(out).write_text(json.dumps(res))
 
 
 # -- the same-run baselines ---------------------------------------------------------------------------------------
@@ -229,11 +230,12 @@ def run(levels: tuple[int, ...], seconds: float) -> dict[str, Any]:
             for n in levels:
                 cpu0 = _cpu(proc)
                 tag = f"L{n}"
-                done = subprocess.run(
+                result = Path(tmp) / f"senders-{n}.json"
+                subprocess.run(
                     [sys.executable, "-m", "benchmarks.mllp", "--client", "--port", str(listener.port),
-                     "--senders", str(n), "--seconds", str(seconds), "--tag", tag],
-                    capture_output=True, text=True, check=True, env=child_env, cwd=Path(__file__).parents[1])
-                res = json.loads(done.stdout)
+                     "--senders", str(n), "--seconds", str(seconds), "--tag", tag, "--out", str(result)],
+                    stdin=subprocess.DEVNULL, check=True, env=child_env, cwd=Path(__file__).parents[1])
+                res = json.loads(result.read_text())
                 cpu1 = _cpu(proc)
                 acked.update(res.pop("aa_ids"))
                 per = 1e6 / max(1, res["messages"])
@@ -281,9 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--senders", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--tag", default="B", help=argparse.SUPPRESS)
+    p.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.client:
-        client_main(args.port, args.senders, args.seconds, args.tag)
+        client_main(args.port, args.senders, args.seconds, args.tag, args.out)
         return 0
     out = run(tuple(int(x) for x in args.levels.split(",")), args.seconds)
     if args.json:
