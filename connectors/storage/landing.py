@@ -9,7 +9,13 @@ Layout under `SCHOOLSLINK_HOME/landing/`:
     refused/<URN>/...sealed             a file refused whole, moved aside, still sealed, with its reason
 
 `intake` is the first thing a run does: every plain file dropped is sealed (AES-256-GCM, see
-connectors/storage/sealed.py) and the plain copy deleted, so a whole-school export rests encrypted. A pull
+connectors/storage/sealed.py) and the plain copy deleted, so a whole-school export rests encrypted. A file is
+taken only once it has settled: not written to for `SCHOOLSLINK_LANDING_SETTLE_SECONDS` (default 2, the event
+watcher's settle too), and unchanged (size and modification time) from before sealing to after. A file still
+being written, or written to while it was sealed, is left where it is for the next run, whole: deleting the plain
+copy under a writer that still has it open would lose what it writes next. (Uploaders should still write
+`name.part` and rename it when done: a writer that stalls for longer than the settle time cannot be told from
+one that has finished.) A pull
 from an API (Wonde) is sealed as it is written (`land_bytes`) and never rests in plain. Sealed files are
 read back as streams; nothing is decrypted to disk. Each sealed file's header records when it landed and
 when it may be deleted (`retention_days`, from `SCHOOLSLINK_LANDING_RETENTION_DAYS`, default 28); `purge`
@@ -19,10 +25,13 @@ format, landing time, retention date, the dropped file's size and SHA-256 (to te
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
+import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +42,13 @@ from schoolslink.settings import landing_dir
 
 RETENTION_ENV: Final = "SCHOOLSLINK_LANDING_RETENTION_DAYS"
 DEFAULT_RETENTION_DAYS: Final = 28
+SETTLE_ENV: Final = "SCHOOLSLINK_LANDING_SETTLE_SECONDS"
+DEFAULT_SETTLE_SECONDS: Final = 2.0
 SUFFIX: Final = ".sealed"
 KINDS: Final = ("mis", "consent")
 _FORMATS: Final = {".xml": "xml", ".csv": "csv", ".json": "json", ".txt": "csv"}
+
+log = logging.getLogger(__name__)
 
 
 def retention_days() -> int:
@@ -46,6 +59,23 @@ def retention_days() -> int:
     if days < 1:
         raise ValueError(f"{RETENTION_ENV} must be a whole number of days, 1 or more")
     return days
+
+
+def settle_seconds() -> float:
+    raw = os.environ.get(SETTLE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_SETTLE_SECONDS
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 3600:
+        raise ValueError(f"{SETTLE_ENV} must be a number of seconds from 0 to 3600 (it is {raw!r})")
+    return seconds
+
+
+def _version(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,22 +129,51 @@ class LandingZone:
                 "delete_after": (at.date() + dt.timedelta(days=self.days_for(urn))).isoformat(),
                 "size": size, "sha256": sha}
 
-    def intake(self, now: dt.datetime | None = None) -> list[Landed]:
-        """Seal every plain file dropped in the zone and delete the plain copy; return what was sealed."""
+    def intake(self, now: dt.datetime | None = None, settle: float | None = None) -> list[Landed]:
+        """Seal every settled plain file dropped in the zone and delete the plain copy; return what was sealed.
+
+        A file written to in the last `settle` seconds (default: settle_seconds()) is waited for, up to that
+        long once for all of them; one still being written then, or changed while it was sealed, is left for
+        the next run (its sealed copy, if made, removed)."""
         now = now or dt.datetime.now(dt.UTC)
+        settle = settle_seconds() if settle is None else settle
+        drops = list(self._drops())
+        youngest = 0.0
+        for _, _, src in drops:
+            with contextlib.suppress(FileNotFoundError):
+                age = time.time() - src.stat().st_mtime
+                if age > -settle:  # a time far in the future (a copy that kept its source's clock) is not fresh
+                    youngest = max(youngest, settle - age)
+        if youngest > 0:  # the event path starts a run about as soon as a file is closed: let it settle
+            time.sleep(min(youngest, settle))
         out: list[Landed] = []
-        n = 0
-        for kind, urn, src in self._drops():
+        n = busy = 0
+        for kind, urn, src in drops:
             fmt = _FORMATS.get(src.suffix.lower(), "bin")
             try:
-                sha, size = _digest(src), src.stat().st_size
+                before = src.stat()
+                if -settle < time.time() - before.st_mtime < settle:
+                    busy += 1
+                    continue
+                sha = _digest(src)
             except FileNotFoundError:  # another intake (a run outside Airflow on the same zone) sealed it first
                 continue
             n += 1
             dest = self._dest(kind, urn, fmt, now, n)
-            seal_file(src, dest, self._meta(kind, urn, fmt, now, size, sha))
+            seal_file(src, dest, self._meta(kind, urn, fmt, now, before.st_size, sha))
+            try:
+                changed = _version(src.stat()) != _version(before)
+            except FileNotFoundError:
+                changed = True
+            if changed:  # written to (or replaced) while it was read: not the file whose digest we took
+                dest.unlink(missing_ok=True)
+                busy += 1
+                continue
             src.unlink(missing_ok=True)
             out.append(self._landed(dest))
+        if busy:
+            log.warning("%d dropped file(s) still being written: left for the next run (write as name.part and "
+                        "rename when done)", busy)
         return out
 
     def _drops(self) -> Iterator[tuple[str, str, Path]]:

@@ -6,6 +6,8 @@ import datetime as dt
 import io
 import os
 import secrets
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -165,6 +167,89 @@ def test_intake_leaves_files_still_being_written_alone(sl_home: Path) -> None:
     (sl_home / "landing" / "consent" / ".100001.csv.swp").write_text("x")
     assert LandingZone().intake(dt.datetime(2026, 11, 20, 12, tzinfo=dt.UTC)) == []
     assert len(list(school.iterdir())) == 2
+
+
+def test_a_file_still_being_written_is_left_whole_for_the_next_run(sl_home: Path) -> None:
+    """A school's upload in progress (an SFTP put straight to the final name) is neither sealed half-written nor
+    deleted from under its writer; once the writer has finished, the next intake takes the whole file."""
+    drop = sl_home / "landing" / "mis" / "100001" / "export.xml"
+    drop.parent.mkdir(parents=True)
+    whole = _ctf(2000)  # about 260 KB: at 1 KB each 50 ms, longer than the test waits
+    stop = threading.Event()
+
+    def upload() -> None:
+        with drop.open("wb") as f:
+            for i in range(0, len(whole), 1000):
+                f.write(whole[i:i + 1000])
+                f.flush()
+                if stop.wait(0.05):  # a slow link: a little at a time, until told to finish
+                    break
+            f.write(whole[f.tell():])
+
+    writer = threading.Thread(target=upload)
+    writer.start()
+    try:
+        time.sleep(0.2)
+        zone = LandingZone()
+        assert zone.intake(settle=0.5) == []  # waited half a second: it was still being written
+        assert drop.exists() and zone.sealed("mis", "100001") == []
+    finally:
+        stop.set()
+        writer.join()
+    assert drop.read_bytes() == whole  # nothing of the upload was lost
+    [landed] = zone.intake(settle=0.5)  # just closed: waited for, then taken
+    assert not drop.exists()
+    with landed.open() as f:
+        assert f.read() == whole
+
+
+def test_a_file_changed_while_it_was_sealed_is_not_taken(sl_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import connectors.storage.landing as landing
+
+    drop = sl_home / "landing" / "mis" / "100001" / "export.xml"
+    drop.parent.mkdir(parents=True)
+    drop.write_bytes(_ctf(2))
+    os.utime(drop, (time.time() - 60, time.time() - 60))  # settled, as far as its clock says
+    real = landing.seal_file
+
+    def seal_then_append(src: Path, dest: Path, meta: dict[str, object]) -> Path:
+        out = real(src, dest, meta)
+        with src.open("ab") as f:  # the writer was only paused: it goes on while we seal
+            f.write(b"<!-- more -->")
+        return out
+
+    monkeypatch.setattr(landing, "seal_file", seal_then_append)
+    zone = LandingZone()
+    assert zone.intake(settle=0.5) == []
+    assert drop.read_bytes().endswith(b"<!-- more -->")  # the plain file is kept, whole
+    assert list(drop.parent.glob("*.sealed")) == []  # and the copy of what it was is not
+    monkeypatch.setattr(landing, "seal_file", real)
+    os.utime(drop, (time.time() - 60, time.time() - 60))
+    [landed] = zone.intake(settle=0.5)
+    with landed.open() as f:
+        assert f.read().endswith(b"<!-- more -->")
+
+
+def test_a_file_dated_in_the_future_is_not_waited_for(sl_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import connectors.storage.landing as landing
+
+    drop = sl_home / "landing" / "mis" / "100001" / "export.xml"
+    drop.parent.mkdir(parents=True)
+    drop.write_bytes(_ctf(1))
+    os.utime(drop, (time.time() + 86_400, time.time() + 86_400))  # copied with a clock a day ahead
+    waits: list[float] = []
+    monkeypatch.setattr(landing.time, "sleep", waits.append)
+    assert len(LandingZone().intake(settle=30)) == 1
+    assert waits == []  # not held for the settle time: nothing says it is being written
+
+
+@pytest.mark.parametrize("raw", ["-1", "soon", "7200"])
+def test_a_bad_settle_setting_is_refused_with_its_name(raw: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from connectors.storage.landing import settle_seconds
+
+    monkeypatch.setenv("SCHOOLSLINK_LANDING_SETTLE_SECONDS", raw)
+    with pytest.raises(ValueError, match="SCHOOLSLINK_LANDING_SETTLE_SECONDS must be a number of seconds"):
+        settle_seconds()
 
 
 def test_a_truncated_export_is_still_told_apart_when_read_sealed(sl_home: Path) -> None:
