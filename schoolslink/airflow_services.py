@@ -19,7 +19,7 @@ LocalExecutor task runs under the scheduler), with stdout and stderr in `SCHOOLS
 - `airflow scheduler --skip-serve-logs` (LocalExecutor);
 - `airflow dag-processor` (the repo's dags/ folder);
 - `airflow triggerer --skip-serve-logs` (runs the AssetWatchers' `MessageQueueTrigger`s);
-- `schoolslink landing watch` (as `python -m schoolslink.events_cli landing watch`): publishes `landing`.
+- `schoolslink landing watch` (as `python -m schoolslink.cli landing watch`): publishes `landing`.
 
 The metadata database is SQLite under `SCHOOLSLINK_HOME/airflow/` (`airflow db migrate` on first use). Events go
 through Redis pub/sub (default 127.0.0.1:6379), which must already be running. `start_stack` returns when the API
@@ -165,7 +165,7 @@ class Stack:
         elif name == "dag-processor":
             self.start_airflow(name)
         elif name == "watcher":
-            self.start(name, sys.executable, "-m", "schoolslink.events_cli", "landing", "watch")
+            self.start(name, sys.executable, "-m", "schoolslink.cli", "landing", "watch")
         else:
             raise ValueError(f"unknown service {name!r}: one of {', '.join(SERVICES)}")
 

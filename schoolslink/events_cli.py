@@ -102,19 +102,3 @@ def register_events(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     fr.add_argument("--host", default="127.0.0.1")
     fr.add_argument("--port", type=int, default=8095, help="0 picks a free port (printed as LISTENING <port>)")
     fr.set_defaults(func=cmd_fhir_receive)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run one of these commands on its own (`python -m schoolslink.events_cli landing watch`), until cli.py
-    wires `register_events`."""
-    parser = argparse.ArgumentParser(prog="schoolslink")
-    register_events(parser.add_subparsers(dest="command", required=True))
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0) if exc.code in (0, None) else 2
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

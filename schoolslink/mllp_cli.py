@@ -1,10 +1,9 @@
 """`schoolslink mllp listen | send`: the HL7v2 listener and a sender (docs/mllp.md).
 
-schoolslink/cli.py calls `register_mllp(sub)` with its top-level subparsers object; `python -m schoolslink.mllp_cli`
-runs the same commands on their own. Exit codes follow the CLI contract: 0 success; 1 refused (any AE or AR, a
-message with no acknowledgment, a file that holds no message); 2 usage (bad options, a file that cannot be read,
-TLS files that do not load, an address `listen` cannot bind). `listen` returns 0 after a clean stop (SIGTERM or
-Ctrl-C). `send --json` prints exactly one JSON document on stdout:
+schoolslink/cli.py calls `register_mllp(sub)` with its top-level subparsers object. Exit codes follow the CLI
+contract: 0 success; 1 refused (any AE or AR, a message with no acknowledgment, a file that holds no message); 2
+usage (bad options, a file that cannot be read, TLS files that do not load, an address `listen` cannot bind).
+`listen` returns 0 after a clean stop (SIGTERM or Ctrl-C). `send --json` prints exactly one JSON document on stdout:
 
     {"messages": [{"file": "adt.hl7", "index": 1, "control_id": "MSG00001", "ack": "AA", "error": null}, ...],
      "counts": {"AA": 1, "AE": 0, "AR": 0, "failed": 0}}
@@ -159,21 +158,3 @@ def register_mllp(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     sp.add_argument("--tls-cert", metavar="FILE", help="our client certificate, for mutual TLS")
     sp.add_argument("--tls-key", metavar="FILE", help="its private key")
     sp.set_defaults(func=cmd_send)
-
-
-def main(argv: list[str] | None = None) -> int:
-    __import__("schoolslink.logfilter").logfilter.install()  # pseudonymise identifiers in any log record
-    parser = argparse.ArgumentParser(prog="schoolslink", description=__doc__.splitlines()[0])
-    register_mllp(parser.add_subparsers(dest="command", required=True))
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] != ["mllp"] and argv[:1] != ["-h"] and argv[:1] != ["--help"]:
-        argv = ["mllp", *argv]  # `python -m schoolslink.mllp_cli listen ...`
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0) if exc.code in (0, None) else USAGE
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,8 +11,6 @@ schoolslink/cli.py calls `register_portal(sub)` with its top-level subparsers. `
 account's id, its TOTP provisioning URI (otpauth://, for an authenticator app) and, unless `--password-stdin`
 gave one, a generated password: both once, for the person the account is for. Exit codes: 0 done; 1 refused
 (the message names the field and what to do); 2 usage. `--json`: one JSON document on stdout.
-
-Run on its own: `python -m schoolslink.portal_cli portal ...` (the same commands).
 """
 
 from __future__ import annotations
@@ -170,18 +168,3 @@ def register_portal(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ev.add_argument("--limit", type=int, default=200, help="the most recent N (default 200)")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_events)
-
-
-def main(argv: list[str] | None = None) -> int:
-    __import__("schoolslink.logfilter").logfilter.install()
-    parser = argparse.ArgumentParser(prog="schoolslink")
-    register_portal(parser.add_subparsers(dest="command", required=True))
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0) if exc.code in (0, None) else USAGE
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -373,7 +373,7 @@ def run(listener: MllpListener, ready: Callable[[int], None] | None = None, *, s
 
 
 class ListenerProcess(PeerProcess):
-    """`python -m schoolslink.mllp_cli listen` as a child process on 127.0.0.1 (port 0: any free port).
+    """`schoolslink mllp listen` as a child process on 127.0.0.1 (port 0: any free port).
 
     `env` should set SCHOOLSLINK_HOME and, for another store, SCHOOLSLINK_DB_URL. `args` adds options (TLS)."""
 
@@ -391,7 +391,7 @@ class ListenerProcess(PeerProcess):
         self.wrapper = list(wrapper or [])  # e.g. strace and its options
 
     def _command(self) -> list[str]:
-        return [*self.wrapper, sys.executable, "-m", "schoolslink.mllp_cli", "listen", "--host", "127.0.0.1",
+        return [*self.wrapper, sys.executable, "-m", "schoolslink.cli", "mllp", "listen", "--host", "127.0.0.1",
                 "--port", str(self.requested_port), "--exit-on-stdin-eof", *self.args]
 
     def kill(self) -> None:

@@ -71,7 +71,7 @@ class PortalServer(PeerProcess):
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def _command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "schoolslink.portal_cli", "portal", "--host", "127.0.0.1", "--port",
+        cmd = [sys.executable, "-m", "schoolslink.cli", "portal", "--host", "127.0.0.1", "--port",
                str(self.requested_port), "--announce", "--exit-on-stdin-close"]
         if self.tls:
             cmd += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]

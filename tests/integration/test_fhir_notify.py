@@ -35,7 +35,7 @@ class NotifyReceiver(PeerProcess):
         super().__init__(port=0, log_path=log_path, startup_timeout=90, install=False, env=env)
 
     def _command(self) -> list[str]:
-        return [sys.executable, "-m", "schoolslink.events_cli", "fhir", "receive", "--host", "127.0.0.1",
+        return [sys.executable, "-m", "schoolslink.cli", "fhir", "receive", "--host", "127.0.0.1",
                 "--port", "0"]
 
 

@@ -230,7 +230,7 @@ def test_tls_and_mutual_tls(env: dict[str, str], tmp_path: Path) -> None:
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "schoolslink.mllp_cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "schoolslink.cli", "mllp", *args], capture_output=True, text=True,
                           cwd=REPO, env={**os.environ, **env}, timeout=120)
 
 

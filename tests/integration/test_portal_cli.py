@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 def run(home: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SCHOOLSLINK_HOME": str(home), "SCHOOLSLINK_KEY": "portal-cli-test"}
     env.pop("SCHOOLSLINK_DB_URL", None)
-    return subprocess.run([sys.executable, "-m", "schoolslink.portal_cli", "portal", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "schoolslink.cli", "portal", *args], capture_output=True,
                           text=True, input=stdin, env=env, cwd=REPO, timeout=120, check=False)
 
 

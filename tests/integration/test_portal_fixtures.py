@@ -64,11 +64,10 @@ class User:
 
 
 def cli(seed: Seeded, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """`schoolslink portal ...` (run as schoolslink.portal_cli) or, for `audit`, the main CLI, on the seeded home."""
-    module = "schoolslink.cli" if args[0] == "audit" else "schoolslink.portal_cli"
+    """`schoolslink portal ...` or `schoolslink audit ...` on the seeded home."""
     env = {**os.environ, **seed.env}
     env.pop("SCHOOLSLINK_DB_URL", None)
-    res = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, input=stdin,
+    res = subprocess.run([sys.executable, "-m", "schoolslink.cli", *args], capture_output=True, text=True, input=stdin,
                          env=env, timeout=120, check=False, cwd=Path(__file__).resolve().parents[2])
     if check:
         assert res.returncode == 0, res.stderr[-3000:]
