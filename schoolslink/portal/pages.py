@@ -15,7 +15,8 @@ Every feed page, pupil page and file download is recorded in the ledger, one ent
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
@@ -92,30 +93,39 @@ def history(request: Request, urn: str) -> Response:
         return render(request, "history.html.j2", viewer=v, urn=urn, nights=published.history(urn))
 
 
-def _feed(request: Request, conn: Connection, v: Viewer, urn: str, day_text: str, what: str
-          ) -> published.Feed | Response:
+def _school_feed(request: Request, conn: Connection, urn: str, day_text: str, what: str
+                 ) -> tuple[Viewer, published.Feed] | Response:
+    """The viewer and that night's feed, if they may see this school's pupil data and the feed is there; else
+    the response to give (sign-in, a logged 404, or the feed's problem)."""
+    v = _school(request, conn, urn, what)
+    if not isinstance(v, Viewer):
+        return v
     day = parse_day(day_text)
     if day is None or day not in published.feed_dates(urn):
         return refused(request, conn, v, urn, f"{what}: no feed for that night")
     try:
-        return published.load(urn, day)
+        return v, published.load(urn, day)
     except FeedUnavailable as exc:
         return render(request, "feed_problem.html.j2", status=503, viewer=v, urn=urn, day=day, problem=str(exc))
+
+
+def _shown(conn: Connection, v: Viewer, urn: str, doc: dict[str, Any], rows: list[dict[str, Any]], task: str,
+           at: datetime) -> None:
+    """The ledger entries for showing `rows` of a feed document to the viewer."""
+    record_shown(conn, user_id=v.user.user_id, urn=urn, rows=rows, mapping_version=str(doc.get("mapping_version", "")),
+                 task=task, at=at)
 
 
 @router.get("/schools/{urn}/feeds/{day}")
 def feed(request: Request, urn: str, day: str) -> Response:
     p = portal(request)
     with p.engine.begin() as conn:
-        v = _school(request, conn, urn, "feed")
-        if not isinstance(v, Viewer):
-            return v
-        f = _feed(request, conn, v, urn, day, "feed")
-        if not isinstance(f, published.Feed):
-            return f
+        vf = _school_feed(request, conn, urn, day, "feed")
+        if not isinstance(vf, tuple):
+            return vf
+        v, f = vf
         latest = published.feed_dates(urn)[0]
-        record_shown(conn, user_id=v.user.user_id, urn=urn, rows=f.rows,
-                     mapping_version=str(f.full.get("mapping_version", "")), task="feed_page", at=p.now())
+        _shown(conn, v, urn, f.full, f.rows, "feed_page", p.now())
         return render(request, "feed.html.j2", viewer=v, urn=urn, feed=f, latest=latest, tag_class=TAG_CLASS,
                       downloads=published.DOWNLOADS)
 
@@ -124,17 +134,14 @@ def feed(request: Request, urn: str, day: str) -> Response:
 def pupil(request: Request, urn: str, day: str, pid: str) -> Response:
     p = portal(request)
     with p.engine.begin() as conn:
-        v = _school(request, conn, urn, "pupil page")
-        if not isinstance(v, Viewer):
-            return v
-        f = _feed(request, conn, v, urn, day, "pupil page")
-        if not isinstance(f, published.Feed):
-            return f
+        vf = _school_feed(request, conn, urn, day, "pupil page")
+        if not isinstance(vf, tuple):
+            return vf
+        v, f = vf
         row = f.row(pid)
         if row is None:
             return refused(request, conn, v, urn, "pupil page: no such pupil in this school's feed that night")
-        record_shown(conn, user_id=v.user.user_id, urn=urn, rows=[row],
-                     mapping_version=str(f.full.get("mapping_version", "")), task="pupil_page", at=p.now())
+        _shown(conn, v, urn, f.full, [row], "pupil_page", p.now())
         return render(request, "pupil.html.j2", viewer=v, urn=urn, feed=f, row=row,
                       timeline=published.timeline(f, row), tag_class=TAG_CLASS)
 
@@ -143,12 +150,10 @@ def pupil(request: Request, urn: str, day: str, pid: str) -> Response:
 def download(request: Request, urn: str, day: str, name: str) -> Response:
     p = portal(request)
     with p.engine.begin() as conn:
-        v = _school(request, conn, urn, "download")
-        if not isinstance(v, Viewer):
-            return v
-        f = _feed(request, conn, v, urn, day, "download")
-        if not isinstance(f, published.Feed):
-            return f
+        vf = _school_feed(request, conn, urn, day, "download")
+        if not isinstance(vf, tuple):
+            return vf
+        v, f = vf
         if name not in published.DOWNLOADS:
             return refused(request, conn, v, urn, "download: not a feed file")
         try:
@@ -157,8 +162,7 @@ def download(request: Request, urn: str, day: str, name: str) -> Response:
             return render(request, "feed_problem.html.j2", status=503, viewer=v, urn=urn, day=f.day,
                           problem=str(exc))
         doc = f.changes if name.startswith("changes") else f.full
-        record_shown(conn, user_id=v.user.user_id, urn=urn, rows=doc.get("rows", []),
-                     mapping_version=str(doc.get("mapping_version", "")), task=f"download:{name}", at=p.now())
+        _shown(conn, v, urn, doc, doc.get("rows", []), f"download:{name}", p.now())
     filename = f"schoolslink-{urn}-{f.day.isoformat()}-{name}"
     return Response(data, media_type=media_type,
                     headers={"Content-Disposition": f'attachment; filename="{filename}"'})
