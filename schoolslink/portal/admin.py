@@ -1,5 +1,12 @@
-"""A school admin's pages: the portal's users at their schools; add one (shown its one-time password and TOTP
-set-up once), disable one. No pupil data anywhere here; every change is in `portal_events`."""
+"""A school admin's pages: the portal's users at their schools; add one, disable one. No pupil data anywhere here;
+every change is in `portal_events`.
+
+An admin never holds the credentials of an account that sees pupil data: a DSL or SMHL they add signs in through
+the organisation's identity provider (OIDC: the account is `auth=oidc`, matched by email at first sign-in), and
+without one configured they cannot add such an account at all (the portal's operator adds it with `schoolslink
+portal user add` and hands the credentials over). Otherwise an admin could add a DSL, read its first password and
+TOTP set-up off the page, and sign in as it. A school admin they add is a local account, shown its one-time
+password and TOTP set-up once: it sees no pupil data either."""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import Connection
 
 from schoolslink.portal import accounts, sessions
-from schoolslink.portal.accounts import SCHOOL_ROLES, AccountError
+from schoolslink.portal.accounts import PUPIL_ROLES, SCHOOL_ROLES, AccountError
 from schoolslink.portal.audit import event
 from schoolslink.portal.web import Viewer, csrf_refused, portal, refused, render, same_origin, to_sign_in, visitor
 
@@ -28,8 +35,10 @@ def _admin(request: Request, conn: Connection) -> Viewer | Response:
 def _page(request: Request, conn: Connection, v: Viewer, *, status: int = 200, errors: dict[str, str] | None = None,
           form: dict[str, str] | None = None) -> Response:
     users = [u for u in accounts.list_users(conn, v.organisations) if u.role in SCHOOL_ROLES]
+    oidc = portal(request).cfg.oidc
     return render(request, "admin_users.html.j2", status=status, viewer=v, users=users, errors=errors or {},
-                  form=form or {}, roles=[(r, accounts.ROLES[r]) for r in sorted(SCHOOL_ROLES)])
+                  form=form or {}, roles=[(r, accounts.ROLES[r]) for r in sorted(SCHOOL_ROLES)],
+                  provider=oidc.label if oidc is not None else None)
 
 
 @router.get("/admin/users")
@@ -57,19 +66,24 @@ async def add_user(request: Request) -> Response:
             errors["school"] = "Choose one of your schools"
         if role not in SCHOOL_ROLES:
             errors["role"] = "Choose a role"
+        elif role in PUPIL_ROLES and p.cfg.oidc is None:
+            errors["role"] = (f"A {accounts.ROLES[role].lower()} sees pupils' data, so their account is added by the "
+                              "portal's operator, who gives them their sign-in details: ask them")
+        auth = "oidc" if role in PUPIL_ROLES else "local"
         if not errors:
             try:
                 with conn.begin_nested():
                     made = accounts.add(conn, email=form.get("email", ""), role=role, organisations=[school],
-                                        now=p.now(), created_by=v.user.user_id)
+                                        now=p.now(), created_by=v.user.user_id, auth=auth)
             except AccountError as exc:
                 field, _, message = str(exc).partition(": ")
                 errors[field if field in ("email", "role", "school") else "email"] = message.capitalize()
         if errors:
             return _page(request, conn, v, status=400, errors=errors, form=form)
         event(conn, p.now(), "user_added", user_id=v.user.user_id, organisation=school,
-              detail=f"{made.user.user_id} as {role}")
-        return render(request, "admin_added.html.j2", viewer=v, made=made)
+              detail=f"{made.user.user_id} as {role} ({auth})")
+        return render(request, "admin_added.html.j2", viewer=v, made=made,
+                      provider=p.cfg.oidc.label if p.cfg.oidc is not None else None)
 
 
 @router.post("/admin/users/{user_id}/disable")

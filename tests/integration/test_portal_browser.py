@@ -6,7 +6,8 @@ the pipeline really built for two schools (tests/integration/test_portal_fixture
   the other school's (its feed, a pupil, a file, and its pupil id under their own school) answers 404, is refused
   in the portal's audit log, and shows nothing about a child; what they saw is in the ledger, found by
   `schoolslink audit query --recipient portal:<id>` and by the pupil's UPN.
-- A school admin manages users (adds one: password and TOTP set-up shown once; disables one) and sees no pupil.
+- A school admin manages users (adds a school admin: password and TOTP set-up shown once; may not add a DSL, whose
+  credentials it would then hold; disables one) and sees no pupil.
 - A trust link worker sees the trust's summary only.
 - A session past its expiry (absolute, then idle) is refused: the browser lands on the sign-in page, told why.
 - axe-core finds no WCAG 2.2 A/AA violation on any page, at desktop and phone sizes (and in print for the
@@ -199,6 +200,10 @@ def test_a_school_admin_manages_users_and_sees_no_pupil(seeded: Seeded, portal: 
         *sign_in_steps(base, admin, test),
         {"fill": {"#email": "new.dsl@school-a.example.sch.uk"}},
         {"select": {"#role": "dsl"}},
+        {"click": "button:has-text('Add user')"}, check("add-dsl-refused", test),
+        {"goto": f"{base}/admin/users"},
+        {"fill": {"#email": "new.admin@school-a.example.sch.uk"}},
+        {"select": {"#role": "school_admin"}},
         {"click": "button:has-text('Add user')"}, check("added", test),
         {"goto": f"{base}/admin/users"},
         {"click": f"button:has-text('Disable {teacher.email}')"}, check("after-disable", test),
@@ -209,8 +214,11 @@ def test_a_school_admin_manages_users_and_sees_no_pupil(seeded: Seeded, portal: 
         {"goto": f"{base}/schools/{urn}/summaries/{MONTH}"},
     ], tmp=tmp_path)
     pages = checks(res)
+    refused = pages["add-dsl-refused"]["text"]
+    assert "There is a problem" in refused and "added by the portal's operator" in refused
+    assert "otpauth://" not in refused and "First password" not in refused
     added = pages["added"]["text"]
-    assert "User added: new.dsl@school-a.example.sch.uk" in added and "otpauth://totp/" in added
+    assert "User added: new.admin@school-a.example.sch.uk" in added and "otpauth://totp/" in added
     assert "Shown once" in added
     assert "Disabled" in pages["after-disable"]["text"]
     school_pages = [r for r in res if r.get("url", "").startswith(f"{base}/schools/")]
@@ -219,7 +227,8 @@ def test_a_school_admin_manages_users_and_sees_no_pupil(seeded: Seeded, portal: 
         _nothing_about(r.get("text", "") + r.get("body", ""), seeded, urn)
     listed = json.loads(cli(seeded, "portal", "user", "list", "--school", urn, "--json").stdout)["users"]
     assert {u["email"]: u["disabled"] for u in listed}[teacher.email] is True
-    assert any(u["email"] == "new.dsl@school-a.example.sch.uk" and u["role"] == "dsl" for u in listed)
+    assert any(u["email"] == "new.admin@school-a.example.sch.uk" and u["role"] == "school_admin" for u in listed)
+    assert "new.dsl@school-a.example.sch.uk" not in {u["email"] for u in listed}
 
 
 def test_a_link_worker_sees_the_trust_summary_only(seeded: Seeded, portal: Any, tmp_path: Path) -> None:

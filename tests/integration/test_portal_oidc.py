@@ -55,6 +55,7 @@ def oidc(seeded: Seeded, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
     tmp = tmp_path_factory.mktemp("oidc")
     (tmp / "accounts.json").write_text(json.dumps(ACCOUNTS))
     add_user(seeded, "local.role.a@oidc.example.sch.uk", "smhl", "900001", auth="oidc")
+    add_user(seeded, "admin.a@oidc.example.sch.uk", "school_admin", "900001")
     disabled = add_user(seeded, "disabled.a@oidc.example.sch.uk", "dsl", "900001", auth="oidc")
     cli(seeded, "portal", "user", "disable", disabled.user_id)
     port = free_port()
@@ -143,3 +144,21 @@ def test_claim_shapes_roles_and_refusals(seeded: Seeded, oidc: tuple[Any, Any], 
     if lands == "/oidc/callback":
         assert "There is a problem signing you in" in page["text"]
         assert not [s for s in seeded.surnames("900001") if s in page["text"].upper()]
+
+
+def test_a_dsl_an_admin_adds_signs_in_with_the_provider_and_no_credential_is_shown(seeded: Seeded,
+                                                                                  oidc: tuple[Any, Any]) -> None:
+    from tests.integration.test_portal_security import _csrf, sign_in
+
+    _, portal = oidc
+    with sign_in(portal.base_url, seeded.users["admin.a@oidc.example.sch.uk"]) as c:
+        page = c.get("/admin/users").text
+        assert "signs in with DfE Sign-in" in page
+        r = c.post("/admin/users", data={"email": "new.dsl@oidc.example.sch.uk", "role": "dsl", "school": "900001",
+                                         "csrf_token": _csrf(page)})
+    assert r.status_code == 200 and "User added: new.dsl@oidc.example.sch.uk" in r.text
+    assert "signs in with DfE Sign-in" in r.text
+    assert "otpauth://" not in r.text and "First password" not in r.text and "secret=" not in r.text
+    listed = {u["email"]: u for u in json.loads(cli(seeded, "portal", "user", "list", "--json").stdout)["users"]}
+    assert listed["new.dsl@oidc.example.sch.uk"]["role"] == "dsl"
+    assert listed["new.dsl@oidc.example.sch.uk"]["auth"] == "oidc"

@@ -140,6 +140,26 @@ def test_a_school_admin_sees_no_pupil_data(seeded: Seeded, portal: Any) -> None:
             _no_pupils(r, seeded)
 
 
+def test_a_school_admin_cannot_make_itself_a_pupil_seeing_account(seeded: Seeded, portal: Any) -> None:
+    """An admin who could add a DSL and read its first password and TOTP set-up off the page could sign in as it:
+    without an identity provider, a DSL or SMHL is added only by the operator."""
+    base, admin = portal.base_url, seeded.users["admin.a@a.example.sch.uk"]
+    with sign_in(base, admin) as c:
+        for role in ("dsl", "smhl"):
+            token = _csrf(c.get("/admin/users").text)
+            r = c.post("/admin/users", data={"email": f"puppet.{role}@a.example.sch.uk", "role": role,
+                                             "school": "900001", "csrf_token": token})
+            assert r.status_code == 400 and "so their account is added by the portal" in r.text
+            assert "otpauth://" not in r.text and "secret=" not in r.text
+        token = _csrf(c.get("/admin/users").text)
+        r = c.post("/admin/users", data={"email": "second.admin@a.example.sch.uk", "role": "school_admin",
+                                         "school": "900001", "csrf_token": token})
+        assert r.status_code == 200 and "otpauth://totp/" in r.text  # an admin sees no pupil data either
+    listed = {u["email"]: u for u in json.loads(cli(seeded, "portal", "user", "list", "--json").stdout)["users"]}
+    assert "puppet.dsl@a.example.sch.uk" not in listed and "puppet.smhl@a.example.sch.uk" not in listed
+    assert listed["second.admin@a.example.sch.uk"]["role"] == "school_admin"
+
+
 def test_a_post_without_the_csrf_token_is_refused(seeded: Seeded, portal: Any) -> None:
     base, admin = portal.base_url, seeded.users["admin.a@a.example.sch.uk"]
     with sign_in(base, admin) as c:
