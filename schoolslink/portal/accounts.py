@@ -228,7 +228,9 @@ def set_disabled(conn: Connection, user_id: str, disabled: bool = True) -> bool:
 class SignIn(StrEnum):
     OK = "ok"
     FAILED = "failed"  # unknown address, wrong password or code, or a disabled account: one message for all
-    LOCKED = "locked"  # too many failures in a row
+    LOCKED = "locked"  # too many failures in a row (said so only to someone who has shown they know the password)
+    LOCKED_QUIET = "locked_quiet"  # locked (by this failure, or before) and the password was wrong: told FAILED's
+    #                                message, so that locking an address cannot tell anyone whether it has an account
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,18 +243,21 @@ def _locked(row: Any, now: datetime) -> bool:
     return row.locked_until is not None and utc(row.locked_until) > now
 
 
-def _failed(conn: Connection, row: Any, now: datetime, lockout_after: int, lockout: timedelta) -> SignIn:
+def _failed(conn: Connection, row: Any, now: datetime, lockout_after: int, lockout: timedelta,
+            locked: SignIn = SignIn.LOCKED) -> SignIn:
     n = int(row.failed_attempts or 0) + 1
     values: dict[str, Any] = {"failed_attempts": n}
     if n >= lockout_after:
         values = {"failed_attempts": 0, "locked_until": now + lockout}
     conn.execute(update(portal_users).where(portal_users.c.user_id == row.user_id).values(**values))
-    return SignIn.LOCKED if "locked_until" in values else SignIn.FAILED
+    return locked if "locked_until" in values else SignIn.FAILED
 
 
 def check_password_sign_in(conn: Connection, email: str, password: str, now: datetime, *, lockout_after: int,
                            lockout: timedelta) -> Attempt:
-    """The first step of a local sign-in. A locked account answers LOCKED even to the right password."""
+    """The first step of a local sign-in. A locked account answers LOCKED to the right password and LOCKED_QUIET
+    to a wrong one, as the failure that locks it does: every address, with or without an account, locked or not,
+    costs one password hash and gets the same answer to a wrong password."""
     row = conn.execute(select(portal_users).where(portal_users.c.email == email.strip().lower(),
                                                   portal_users.c.auth == "local")).first()
     if row is None:
@@ -262,14 +267,14 @@ def check_password_sign_in(conn: Connection, email: str, password: str, now: dat
             pass
         return Attempt(SignIn.FAILED)
     user = _user(row)
-    if _locked(row, now):
-        return Attempt(SignIn.LOCKED, user)
     try:
         ok = bool(row.password_hash) and _HASHER.verify(str(row.password_hash), password or "-")
     except (VerificationError, InvalidHashError):
         ok = False
+    if _locked(row, now):
+        return Attempt(SignIn.LOCKED if ok and not user.disabled else SignIn.LOCKED_QUIET, user)
     if not ok or user.disabled:
-        return Attempt(_failed(conn, row, now, lockout_after, lockout), user)
+        return Attempt(_failed(conn, row, now, lockout_after, lockout, SignIn.LOCKED_QUIET), user)
     if _HASHER.check_needs_rehash(str(row.password_hash)):
         conn.execute(update(portal_users).where(portal_users.c.user_id == user.user_id)
                      .values(password_hash=_HASHER.hash(password)))
@@ -290,7 +295,7 @@ def check_code_sign_in(conn: Connection, user_id: str, code: str, now: datetime,
     now_step = int(now.timestamp()) // TOTP_STEP
     last = int(row.totp_last_step) if row.totp_last_step is not None else -1
     step = next((s for s in (now_step - 1, now_step, now_step + 1)
-                 if s > last and hmac.compare_digest(totp.at(s * TOTP_STEP), typed)), None)
+                 if s > last and hmac.compare_digest(totp.at(s * TOTP_STEP).encode(), typed.encode())), None)
     if step is None or user.disabled:
         return Attempt(_failed(conn, row, now, lockout_after, lockout), user)
     conn.execute(update(portal_users).where(portal_users.c.user_id == user.user_id)

@@ -84,8 +84,10 @@ def create_app(cfg: PortalConfig | None = None, *, engine: Engine | None = None,
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, _exc: Exception) -> Response:  # logged by uvicorn; nothing shown
-        response = render(request, "error.html.j2", status=500)
-        response.headers.update({**HEADERS, "Cache-Control": "no-store"})
+        response = render(request, "error.html.j2", status=500)  # outside the middleware: its headers, here too
+        response.headers.update({**HEADERS, "Cache-Control": "no-store", "Pragma": "no-cache"})
+        if cfg.secure:
+            response.headers["Strict-Transport-Security"] = HSTS
         return response
 
     @app.exception_handler(RequestValidationError)

@@ -202,7 +202,7 @@ class OidcClient:
             raise OidcError("the ID token is from another issuer") from None
         except jwt.PyJWTError as exc:
             raise OidcError(f"the ID token is not valid ({type(exc).__name__})") from None
-        if not hmac.compare_digest(str(claims.get("nonce", "")), nonce):
+        if not hmac.compare_digest(str(claims.get("nonce", "")).encode(), nonce.encode()):
             raise OidcError("the ID token's nonce is not the one this sign-in sent (a replayed token?)")
         aud = claims.get("aud")
         if isinstance(aud, list) and len(aud) > 1 and claims.get("azp") != self.settings.client_id:
@@ -211,7 +211,7 @@ class OidcClient:
 
     def finish(self, pending: dict[str, Any], code: str, state: str, iss: str | None = None) -> Identity:
         """The identity from the provider's answer (`iss`: RFC 9207's issuer parameter, when the provider sends it)."""
-        if not pending.get("state") or not hmac.compare_digest(str(pending["state"]), state or ""):
+        if not pending.get("state") or not hmac.compare_digest(str(pending["state"]).encode(), (state or "").encode()):
             raise OidcError("the provider's answer is not for the sign-in this browser started (state)")
         if iss is not None and iss.rstrip("/") != self.settings.issuer:
             raise OidcError("the answer names another issuer (iss): a mix-up between providers?")

@@ -45,7 +45,7 @@ class Session:
     expires_at: datetime
 
     def csrf_ok(self, sent: str | None) -> bool:
-        return bool(sent) and hmac.compare_digest(self.csrf_token, str(sent))
+        return bool(sent) and hmac.compare_digest(self.csrf_token.encode(), str(sent).encode())
 
 
 def _session(row: Any) -> Session:

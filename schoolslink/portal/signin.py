@@ -36,7 +36,7 @@ from schoolslink.portal.web import (
 
 router = APIRouter()
 
-BAD_SIGN_IN = "The email address or password is not right"
+BAD_SIGN_IN = "The email address or password is not right (too many wrong tries in a row lock an account for a while)"
 BAD_CODE = "The code is not right: enter the 6-digit code your authenticator app shows now"
 
 
@@ -90,8 +90,8 @@ async def sign_in(request: Request) -> Response:
                                                   lockout=p.cfg.lockout)
         uid = attempt.user.user_id if attempt.user else None
         if attempt.outcome is not SignIn.OK or attempt.user is None:
-            event(conn, p.now(), "sign_in_locked" if attempt.outcome is SignIn.LOCKED else "sign_in_failed",
-                  user_id=uid, detail="password step")
+            locked = attempt.outcome in (SignIn.LOCKED, SignIn.LOCKED_QUIET)
+            event(conn, p.now(), "sign_in_locked" if locked else "sign_in_failed", user_id=uid, detail="password step")
             return _sign_in_page(request, login, error=None if attempt.outcome is SignIn.LOCKED else BAD_SIGN_IN,
                                  email=email, locked=attempt.outcome is SignIn.LOCKED)
         sessions.end(conn, login.session_hash, p.now())  # a new row for the next step: nothing carried over

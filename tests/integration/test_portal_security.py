@@ -306,14 +306,34 @@ def test_failed_sign_ins_lock_the_account(seeded: Seeded, portal: Any) -> None:
                                            "csrf_token": _csrf(c.get("/sign-in").text)})
         assert wrong in unknown.text  # an unknown address is told the same: no hint which accounts exist
         r = c.post("/sign-in", data={"email": user.email, "password": "still-not-it!!",
-                                     "csrf_token": _csrf(c.get("/sign-in").text)})  # the fifth failure
-        assert "This account is locked for now" in r.text
+                                     "csrf_token": _csrf(c.get("/sign-in").text)})  # the fifth failure: it locks
+        assert wrong in r.text and "This account is locked" not in r.text  # but says only what any failure says
+        r = c.post("/sign-in", data={"email": user.email, "password": "not-the-password!",
+                                     "csrf_token": _csrf(c.get("/sign-in").text)})  # locked, and a wrong password
+        assert wrong in r.text and "This account is locked" not in r.text
+        for _ in range(6):  # an unknown address, tried as often, answers just the same: nobody learns who has one
+            unknown = c.post("/sign-in", data={"email": "nobody@a.example.sch.uk", "password": "not-the-password!",
+                                               "csrf_token": _csrf(c.get("/sign-in").text)})
+            assert unknown.status_code == 200 and wrong in unknown.text and "locked for now" not in unknown.text
         r = c.post("/sign-in", data={"email": user.email, "password": user.password,
                                      "csrf_token": _csrf(c.get("/sign-in").text)})  # the right password: still locked
-        assert r.status_code == 200 and "This account is locked for now" in r.text
+        assert r.status_code == 200 and "This account is locked for now" in r.text  # told once it is shown
         assert "sl_session" not in c.cookies
     kinds = [e["event"] for e in _events(seeded, user=user.user_id)]
-    assert kinds.count("sign_in_failed") == 4 and kinds.count("sign_in_locked") == 2 and "sign_in" not in kinds
+    assert kinds.count("sign_in_failed") == 4 and kinds.count("sign_in_locked") == 3 and "sign_in" not in kinds
+
+
+def test_a_value_that_is_not_ascii_is_refused_not_a_server_error(seeded: Seeded, portal: Any) -> None:
+    base, user = portal.base_url, seeded.users["replay.a@a.example.sch.uk"]
+    with httpx.Client(base_url=base) as c:
+        c.get("/sign-in")
+        r = c.post("/sign-in", data={"email": user.email, "password": user.password, "csrf_token": "é" * 43})
+        assert r.status_code == 403
+        r = c.post("/sign-in", data={"email": user.email, "password": user.password,
+                                     "csrf_token": _csrf(c.get("/sign-in").text)})
+        assert r.status_code == 303
+        r = c.post("/sign-in/code", data={"code": "éééééé", "csrf_token": _csrf(c.get("/sign-in/code").text)})
+        assert r.status_code == 200 and "The code is not right" in r.text
 
 
 def test_a_totp_code_is_accepted_once(seeded: Seeded, portal: Any) -> None:
