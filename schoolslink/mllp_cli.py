@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 USAGE, REFUSED, OK = 2, 1, 0
+MAX_MESSAGE_LIMIT = 64 << 20  # a message of 64 MiB is far beyond any ADT or REF; the writer's pipe takes < 2 GiB
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
@@ -37,6 +38,10 @@ def cmd_listen(args: argparse.Namespace) -> int:
     except (OSError, ssl.SSLError) as exc:
         print(f"schoolslink mllp listen: the TLS certificate, key or client CA cannot be loaded ({exc})",
               file=sys.stderr)
+        return USAGE
+    if not 1024 <= args.max_message <= MAX_MESSAGE_LIMIT:
+        print(f"schoolslink mllp listen: --max-message must be from 1024 to {MAX_MESSAGE_LIMIT} bytes "
+              f"(it is {args.max_message})", file=sys.stderr)
         return USAGE
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,

@@ -32,6 +32,7 @@ differential test holds the two to the same verdict for every message.
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 from schoolslink.identifiers import is_valid_nhs_number
@@ -73,6 +74,14 @@ NHS_ID_TYPES: Final = frozenset({b"NH", b"HN", b""})
 
 # What str.strip() removes from ASCII text, so the bytes here and hl7apy's str agree on what white space is.
 WS: Final = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
+_CONTROL: Final = bytes(range(0x20)) + b"\x7f"
+_CONTROL_RE: Final = re.compile("[\x00-\x1f\x7f]")
+
+
+def _escaped(text: str) -> str:
+    """A key with its control characters written out (`\\x00`): stored and echoed as text, never raw (PostgreSQL
+    refuses NUL in text; a log or an ACK would carry the rest)."""
+    return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 SEPARATOR_BYTES: Final = frozenset(b for b in range(0x21, 0x7F) if not chr(b).isalnum())
 
 # The texts (ERR-3.2): the field, what is wrong, never the value.
@@ -86,6 +95,7 @@ T_TYPE: Final = "MSH-9: message type not supported (ADT and REF are)"
 T_EVENT_MISSING: Final = "MSH-9: the trigger event is missing"
 T_EVENT: Final = "MSH-9: trigger event not supported for this message type"
 T_CONTROL_ID: Final = "MSH-10: the message control id is missing"
+T_CONTROL_CHARACTER: Final = "MSH-3, MSH-4 or MSH-10 holds a control character, which no HL7 text may"
 T_NHS_FORMAT: Final = "PID-3: NHS number is not 10 digits"
 T_NHS_CHECK: Final = "PID-3: NHS number fails its check digit"
 
@@ -175,6 +185,12 @@ def check(message: bytes) -> Checked:
     mtype = t[0].strip(WS)
     event = t[1].strip(WS) if len(t) > 1 else b""
     message_type = (mtype + b"^" + event).decode("ascii", "backslashreplace") if mtype else None
+    keys = f[2] + f[3] + cid + mtype + event
+    control = len(keys.translate(None, _CONTROL)) != len(keys)  # in C: the usual answer, no, costs nothing
+    if control:
+        sender = _escaped(sender)
+        control_id = _escaped(control_id) if control_id is not None else None
+        message_type = _escaped(message_type) if message_type is not None else None
     v = f[11]
     if rep in v:
         v = v[:v.index(rep)]
@@ -198,6 +214,9 @@ def check(message: bytes) -> Checked:
         return Checked(REFUSE_REJECT, "201", T_EVENT, ("MSH", "1", "9"), enc, f, sender, control_id, message_type)
     if control_id is None:
         return Checked(REFUSE_REJECT, "101", T_CONTROL_ID, ("MSH", "1", "10"), enc, f, sender, None, message_type)
+    if control:
+        return Checked(REFUSE_REJECT, "102", T_CONTROL_CHARACTER, ("MSH", "1", "10"), enc, f, sender, control_id,
+                       message_type)
     if marker in data or b"\n" in data:
         if b"\n" in data:
             data = data.replace(b"\r\n", b"\r").replace(b"\n", b"\r")

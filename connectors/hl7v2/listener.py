@@ -70,14 +70,15 @@ def server_context(cert: str | Path, key: str | Path, client_ca: str | Path | No
 class _Connection(asyncio.Protocol):
     """One client connection: frames in, ACKs out in arrival order."""
 
-    __slots__ = ("closed", "decoder", "listener", "paused", "peer", "queue", "transport")
+    __slots__ = ("closed", "decoder", "listener", "paused", "peer", "queue", "transport", "write_paused")
 
     def __init__(self, listener: MllpListener) -> None:
         self.listener = listener
         self.decoder = FrameDecoder(listener.max_message)
         self.queue: deque[Pending] = deque()  # received, not yet acknowledged, in order
         self.transport: asyncio.Transport | None = None
-        self.paused = False
+        self.paused = False  # reading paused: too many messages not yet acknowledged
+        self.write_paused = False  # reading paused: the sender is not reading its ACKs
         self.closed = False
         self.peer = "?"
 
@@ -101,7 +102,10 @@ class _Connection(asyncio.Protocol):
         for fr in self.decoder.feed(data):
             if fr.__class__ is Oversize:
                 assert isinstance(fr, Oversize)
-                c = check(fr.head)
+                try:
+                    c = check(fr.head)
+                except Exception:  # noqa: BLE001 - refused all the same, for its size
+                    c = Checked(REFUSE_REJECT, "207", T_OVERSIZE, None, None, None, None, None, None)
                 p = Pending(c, b"", self)
                 p.ack, p.error, p.text = REFUSE_REJECT, "207", T_OVERSIZE
                 p.reply = build_ack(c, REFUSE_REJECT, "207", T_OVERSIZE, framed=True)  # ready now: nothing to store
@@ -127,6 +131,18 @@ class _Connection(asyncio.Protocol):
             self.paused = True
             self.transport.pause_reading()
 
+    def pause_writing(self) -> None:
+        """The transport's buffer of unread ACKs is full (a sender that does not read them): read no more from it,
+        so its ACKs cannot pile up in memory without end."""
+        self.write_paused = True
+        if self.transport is not None and not self.paused:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.transport is not None and not self.paused and not self.closed:
+            self.transport.resume_reading()
+
     def flush(self) -> None:
         """Write the ACKs that are ready at the head of the queue (one write for all of them)."""
         q = self.queue
@@ -137,7 +153,8 @@ class _Connection(asyncio.Protocol):
             self.transport.write(b"".join(out))
         if self.paused and len(q) <= self.listener.max_inflight // 2 and self.transport is not None:
             self.paused = False
-            self.transport.resume_reading()
+            if not self.write_paused:
+                self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -169,6 +186,7 @@ class MllpListener:
         self._writer: WriterProcess | None = None
         self._hooks: Any = None
         self.failed = False
+        self._torn_down = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
         self._stopped: asyncio.Event | None = None
@@ -195,9 +213,14 @@ class MllpListener:
             if n >= _MAX_BATCH or size >= _MAX_BYTES:
                 break
         batch = self._outbox[:n]
+        try:
+            self._writer.send(batch)
+        except Exception as exc:  # noqa: BLE001 - nothing of it reached the writer: nobody is acknowledged
+            log.critical("handing a batch of %d messages to the writer failed (%s)", n, type(exc).__name__)
+            self._writer_lost()
+            return
         del self._outbox[:n]
         self._batch = batch
-        self._writer.send(batch)
 
     def _committed(self, answer: bytes) -> None:
         """The writer answered (the commit holding the batch in flight has returned): write its ACKs, hand over
@@ -236,9 +259,8 @@ class MllpListener:
             if conn.transport is not None:
                 conn.transport.abort()
         if self._drained is not None:
-            self._drained.set()
-        elif self._stopped is not None:
-            self._stopped.set()
+            self._drained.set()  # a stop() in progress goes on to its teardown
+        self._tasks.add(asyncio.ensure_future(self._teardown()))  # the writer reaped, the store closed
 
     # -- lifecycle --------------------------------------------------------------------------------------------------
 
@@ -252,9 +274,14 @@ class MllpListener:
             self.store._on_stored = self.on_stored
             self._hooks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hl7-on-stored")
         self._writer = await self._loop.run_in_executor(None, WriterProcess, self.store)
-        await self._writer.connect(self._committed, self._writer_lost)
-        self._server = await self._loop.create_server(lambda: _Connection(self), self.host, self.port, ssl=self.ssl,
-                                                      reuse_address=True, backlog=512)
+        try:
+            await self._writer.connect(self._committed, self._writer_lost)
+            self._server = await self._loop.create_server(lambda: _Connection(self), self.host, self.port,
+                                                          ssl=self.ssl, reuse_address=True, backlog=512)
+        except BaseException:  # cannot bind, say: no writer process left behind
+            self.stopping = True
+            await self._teardown()
+            raise
         sock = self._server.sockets[0]
         self.port = int(sock.getsockname()[1])
         log.info("MLLP listener on %s:%d (TLS %s), storing to %s", self.host, self.port,
@@ -309,50 +336,67 @@ class MllpListener:
         again): reading them rather than leaving them in the socket keeps the close a FIN, not a reset that could
         take the last ACKs with it. A connection that can be half-closed is, after its last ACK, and given `linger`
         seconds to close from its side."""
-        if self.stopping:
+        if self.stopping and not self.failed:
+            return
+        if self._torn_down:
             return
         self.stopping = True
         t0 = time.monotonic()
-        if self._server is not None:
-            self._server.close()
-        self._submit()
-        self._drained = asyncio.Event()
-        if self._inflight:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drained.wait(), timeout)
-        for conn in list(self.connections):
-            t = conn.transport
-            if t is None or conn.closed:
-                continue
-            conn.flush()
-            if conn.paused:
-                conn.paused = False
-                t.resume_reading()
-            if t.can_write_eof():
-                t.write_eof()  # after the last ACK: the sender reads them all, then end of stream
-            else:
-                t.close()
-        deadline = time.monotonic() + linger
-        while self.connections and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.close()
-        await asyncio.sleep(0)
-        loop = asyncio.get_running_loop()
-        if self._writer is not None:
-            self._writer.close_pipe()
-            await loop.run_in_executor(None, self._writer.close)
-        if self._hooks is not None:
-            await loop.run_in_executor(None, self._hooks.shutdown)
-        await loop.run_in_executor(None, self.store.close)
+        try:
+            if self._server is not None:
+                self._server.close()
+            self._submit()
+            self._drained = asyncio.Event()
+            if self._inflight:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._drained.wait(), timeout)
+            for conn in list(self.connections):
+                t = conn.transport
+                if t is None or conn.closed:
+                    continue
+                conn.flush()
+                if conn.paused:
+                    conn.paused = False
+                    t.resume_reading()
+                try:
+                    if t.can_write_eof():
+                        t.write_eof()  # after the last ACK: the sender reads them all, then end of stream
+                    else:
+                        t.close()
+                except OSError:  # the peer reset it meanwhile (asyncio's own loop raises; uvloop reports it)
+                    t.abort()
+            deadline = time.monotonic() + linger
+            while self.connections and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            for conn in list(self.connections):
+                if conn.transport is not None:
+                    conn.transport.close()
+            await asyncio.sleep(0)
+        finally:
+            await self._teardown()
         s = self.store.stats
         log.info("MLLP listener stopped in %.1f s: %d messages stored in %d commits, %d duplicates, %d refused, "
                  "%d failed, %d oversize, %d connections; %d arrived while stopping (not acknowledged)",
                  time.monotonic() - t0, s["stored"], s["batches"], s["duplicates"], s["refused"], s["failed"],
                  self.counts["oversize"], self.counts["connections"], self.counts["dropped_at_shutdown"])
-        if self._stopped is not None:
-            self._stopped.set()
+
+    async def _teardown(self) -> None:
+        """Close the writer (it exits when its pipe closes), the hook thread and the store; then `serve` returns.
+        Runs once, whatever went before it (a clean stop, a failed one, the writer's death)."""
+        if self._torn_down:
+            return
+        self._torn_down = True
+        loop = asyncio.get_running_loop()
+        try:
+            if self._writer is not None:
+                self._writer.close_pipe()
+                await loop.run_in_executor(None, self._writer.close)
+            if self._hooks is not None:
+                await loop.run_in_executor(None, self._hooks.shutdown)
+            await loop.run_in_executor(None, self.store.close)
+        finally:
+            if self._stopped is not None:
+                self._stopped.set()
 
 
 def run(listener: MllpListener, ready: Callable[[int], None] | None = None, *, stop_on_stdin_eof: bool = False) -> None:

@@ -94,6 +94,10 @@ def reference_check(message: bytes) -> fc.Checked:
         return _refuse(fc.REFUSE_REJECT, "201", fc.T_EVENT, "MSH", "1", "9")
     if not control_id:
         return _refuse(fc.REFUSE_REJECT, "101", fc.T_CONTROL_ID, "MSH", "1", "10")
+    msh_fields = segments[0].split(enc["FIELD"])
+    keys = [control_id, mtype, event] + [msh_fields[i].strip(_WS) if len(msh_fields) > i else "" for i in (2, 3)]
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for k in keys for ch in k):
+        return _refuse(fc.REFUSE_REJECT, "102", fc.T_CONTROL_CHARACTER, "MSH", "1", "10")
     pid_prefix = "PID" + enc["FIELD"]
     pids = [s for s in segments[1:] if s.startswith(pid_prefix)]
     for seq, raw in enumerate(pids, 1):

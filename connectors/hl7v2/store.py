@@ -273,6 +273,14 @@ def _integrity_error(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.IntegrityError) or getattr(exc, "sqlstate", None) == "23505"
 
 
+def _data_error(exc: BaseException) -> bool:
+    """The database refused a value (class 22, data exception), not the connection or the disk: a fault of one
+    message, worth isolating."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    return (isinstance(exc, ValueError) or any(c.__name__ == "DataError" for c in type(exc).__mro__)  # any driver's
+            or (isinstance(sqlstate, str) and sqlstate[:2] == "22"))
+
+
 class MessageStore:
     """The `hl7_messages` table: the listener's group-committing writer, and the full-parse stage's API."""
 
@@ -387,7 +395,8 @@ class MessageStore:
                          for a, e, t, s, cid, mt, body in marshal.loads(blob)]  # noqa: S302 - our own pipe
                 new, highest = self.write(batch)
                 changed = [(i, p.ack, p.error, p.text, p.duplicate) for i, p in enumerate(batch)
-                           if p.duplicate or p.ack != p.checked.ack or p.error != p.checked.error]
+                           if p.duplicate or p.ack != p.checked.ack or p.error != p.checked.error
+                           or p.text != p.checked.text]
                 conn.send_bytes(marshal.dumps((changed, new, highest, self.stats)))
         finally:
             self.close()
@@ -422,23 +431,33 @@ class MessageStore:
 
     def write(self, batch: Sequence[Pending]) -> tuple[int, int]:
         """Store `batch` in one transaction and set each item's outcome. Returns (messages stored as `received`,
-        the highest id it gave). A failed commit sets AR 207 on every item and returns (0, 0)."""
+        the highest id it gave). A failed commit sets AR 207 on every item and returns (0, 0); but when the database
+        refused the batch for its data (one odd message), it is stored again in halves, so that message alone is
+        refused and the rest of the batch, other senders' messages among them, is stored."""
         with self._write_lock:
-            for attempt in (1, 2):
-                try:
-                    return self._write(batch)
-                except Exception as exc:  # noqa: BLE001 - any failure: nothing of the batch is kept
-                    if attempt == 1 and _integrity_error(exc):
-                        continue  # another writer stored one of these keys meanwhile: look again
-                    code = getattr(exc, "sqlstate", None) or getattr(exc, "sqlite_errorname", None) or ""
-                    log.error("a batch of %d messages could not be stored (%s %s): refused with AR 207",
-                              len(batch), type(exc).__name__, code)
-                    if not _integrity_error(exc):
-                        self._writer.close()  # reconnect for the next batch
-                    for p in batch:
-                        p.ack, p.error, p.text, p.duplicate = REFUSE_REJECT, "207", T_NOT_STORED, False
-                    self.stats["failed"] += len(batch)
-                    return 0, 0
+            return self._write_isolating(batch)
+
+    def _write_isolating(self, batch: Sequence[Pending]) -> tuple[int, int]:
+        for attempt in (1, 2):
+            try:
+                return self._write(batch)
+            except Exception as exc:  # noqa: BLE001 - any failure: nothing of the batch is kept
+                if attempt == 1 and _integrity_error(exc):
+                    continue  # another writer stored one of these keys meanwhile: look again
+                code = getattr(exc, "sqlstate", None) or getattr(exc, "sqlite_errorname", None) or ""
+                if not _integrity_error(exc):
+                    self._writer.close()  # reconnect for the next batch
+                if len(batch) > 1 and _data_error(exc):
+                    half = len(batch) // 2
+                    new1, high1 = self._write_isolating(batch[:half])
+                    new2, high2 = self._write_isolating(batch[half:])
+                    return new1 + new2, max(high1, high2)
+                log.error("a batch of %d messages could not be stored (%s %s): refused with AR 207",
+                          len(batch), type(exc).__name__, code)
+                for p in batch:
+                    p.ack, p.error, p.text, p.duplicate = REFUSE_REJECT, "207", T_NOT_STORED, False
+                self.stats["failed"] += len(batch)
+                return 0, 0
         raise AssertionError("unreachable")
 
     def _write(self, batch: Sequence[Pending]) -> tuple[int, int]:

@@ -469,3 +469,98 @@ def test_strace_wal_is_fsynced_before_each_ack_is_written(env: dict[str, str], t
         assert synced, f"{cid}: its ACK was written before its commit's WAL fsync returned"
         batches.add(synced[0][0])
     assert len(batches) < len(ids), "the burst should have been committed in batches (group commit)"
+
+
+# -- failure paths found in review ---------------------------------------------------------------------------------
+
+
+def test_a_stop_after_a_sender_reset_its_connection_still_tears_down(env: dict[str, str]) -> None:
+    """On asyncio's own loop, half-closing a connection the peer has just reset raises: the stop must still close
+    the writer process and the store, and serve() return."""
+    lst = MllpListener(_store(env), port=0)
+
+    async def main() -> bool:
+        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        serve = asyncio.ensure_future(lst.serve(ready.set_result))
+        port = await ready
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"".join(frame(adt(f"RST{i}")) for i in range(5)))
+        await asyncio.sleep(0.5)  # the ACKs are written; the sender never reads them
+        s.close()  # unread data: the close is a reset
+        await lst.stop()
+        done, _ = await asyncio.wait([serve], timeout=20)
+        return bool(done)
+
+    assert asyncio.run(main()) is True
+    assert lst._writer is not None and lst._writer.process.poll() is not None  # the writer process is gone
+    assert _store(env).counts()["received"] == 5
+
+
+def test_a_sender_that_never_reads_its_acks_is_not_read_from(env: dict[str, str]) -> None:
+    """Unread ACKs would otherwise pile up in the listener's memory without end: once its transport's buffer is
+    full, the listener stops reading from that sender."""
+    lst = MllpListener(_store(env), port=0, max_inflight=100)
+
+    async def main() -> tuple[int, int]:
+        port = await lst.start()
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", port))
+        s.setblocking(False)
+        loop = asyncio.get_running_loop()
+        data = b"".join(frame(adt(f"NR{i}")) for i in range(60_000))
+        sent = 0
+        try:  # as much as the listener will take, reading no ACK
+            while sent < len(data):
+                await asyncio.wait_for(loop.sock_sendall(s, data[sent:sent + 65536]), 5)
+                sent += 65536
+        except TimeoutError:
+            pass
+        await asyncio.sleep(1)
+        conn = next(iter(lst.connections))
+        buffered = conn.transport.get_write_buffer_size() if conn.transport is not None else 0
+        s.close()
+        await lst.stop()
+        return sent, buffered
+
+    sent, buffered = asyncio.run(main())
+    assert sent < 60_000 * len(frame(adt("NR00000")))  # the sender was held back
+    assert buffered < 1 << 20  # and what waits for it stays bounded (was ~10 MB for 150,000 messages)
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)  # SQLite stores any value it is given
+def test_a_value_the_database_refuses_fails_only_its_own_message(store_url: str, env: dict[str, str]) -> None:
+    """A batch the database refuses for one message's data is stored again in halves: that message alone gets
+    AR 207, the rest of the batch (other senders' messages among them) is stored and acknowledged. (fastcheck
+    refuses and writes out control characters in keys; this is the store's own net under it.)"""
+    from connectors.hl7v2.fastcheck import Checked, check
+    from connectors.hl7v2.store import T_NOT_STORED, Pending
+
+    store = MessageStore(store_url)
+    batch = [Pending(check(adt(f"ISO{i}", sender=f"PAS{i}|RX1")), adt(f"ISO{i}")) for i in range(7)]
+    c = batch[3].checked  # one whose key PostgreSQL cannot take: NUL in text
+    batch[3] = Pending(Checked(c.ack, c.error, c.text, c.location, c.enc, c.msh, "P\x00AS^RX1", c.control_id,
+                               c.message_type), batch[3].body)
+    try:
+        new, _ = store.write(batch)
+    finally:
+        store.close()
+    assert new == 6
+    assert [p.ack for p in batch] == ["AA", "AA", "AA", "AR", "AA", "AA", "AA"]
+    assert batch[3].error == "207" and batch[3].text == T_NOT_STORED
+    assert _store(env | {"SCHOOLSLINK_DB_URL": store_url}).counts()["received"] == 6
+
+
+def test_a_listener_that_cannot_bind_leaves_no_writer_behind(env: dict[str, str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        lst = MllpListener(_store(env), port=taken.getsockname()[1])
+        lst.port = taken.getsockname()[1]
+
+        async def main() -> None:
+            await lst.start()
+
+        with pytest.raises(OSError):
+            asyncio.run(main())
+    assert lst._writer is not None and lst._writer.process.poll() is not None

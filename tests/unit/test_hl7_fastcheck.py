@@ -101,6 +101,20 @@ def test_refusal_texts_name_the_field_and_never_the_value() -> None:
     assert check(message(msh12="2.9")).text == fc.T_VERSION and "2.9" not in fc.T_VERSION
 
 
+def test_a_control_character_in_a_key_is_refused_and_never_stored_raw() -> None:
+    """MSH-3, MSH-4 and MSH-10 become stored keys and are echoed in the ACK: a NUL or another control character in
+    one is refused (AR 102), and the key is kept written out, as PostgreSQL refuses NUL in text."""
+    for msg in (message(msh10="MSG\x0001"), message(msh10="MSG\x0701"),
+                message().replace(b"|PAS|", b"|P\x00AS|", 1)):
+        c = check(msg)
+        assert (c.ack, c.error, c.text) == ("AR", "102", fc.T_CONTROL_CHARACTER)
+        assert c.location == ("MSH", "1", "10")
+        assert not any(ord(ch) < 0x20 for key in (c.sender or "", c.control_id or "") for ch in key)
+        assert "\\x0" in (c.sender or "") + (c.control_id or "")
+        assert reference_check(msg).verdict == c.verdict
+    assert check(message(msh10="\tMSG01\x0b")).ack == "AA"  # white space around a value is not part of it
+
+
 def test_header_facts() -> None:
     got = check(message(msh10=" MSG7 ", msh9="REF^I13"))
     assert (got.sender, got.control_id, got.message_type) == ("PAS^RX1", "MSG7", "REF^I13")
