@@ -122,7 +122,12 @@ class LandingZone:
         return days if days is not None else retention_days()
 
     def _dest(self, kind: str, urn: str, fmt: str, at: dt.datetime, n: int) -> Path:
-        return self.root / kind / urn / f"{_stamp(at)}-{n:04d}.{fmt}{SUFFIX}"
+        """The sealed file's path: named by `at`, numbered from `n` past any taken (names sort oldest first)."""
+        while True:
+            dest = self.root / kind / urn / f"{_stamp(at)}-{n:04d}.{fmt}{SUFFIX}"
+            if not dest.exists():
+                return dest
+            n += 1
 
     def _meta(self, kind: str, urn: str, fmt: str, at: dt.datetime, size: int, sha: str) -> dict[str, object]:
         return {"kind": kind, "school_urn": urn, "format": fmt, "landed_at": at.isoformat(),
@@ -132,39 +137,44 @@ class LandingZone:
     def intake(self, now: dt.datetime | None = None, settle: float | None = None) -> list[Landed]:
         """Seal every settled plain file dropped in the zone and delete the plain copy; return what was sealed.
 
-        A file written to in the last `settle` seconds (default: settle_seconds()) is waited for, up to that
-        long once for all of them; one still being written then, or changed while it was sealed, is left for
-        the next run (its sealed copy, if made, removed)."""
+        Settled: not changed (inode, size, modification time) while watched for `settle` seconds (default:
+        settle_seconds()), which is done, once for all of them, only when a file's modification time is recent or
+        ahead of this machine's clock; an older one counts as settled. A file that changed, or that changes while
+        it is sealed, is left for the next run (its sealed copy, if made, removed). Files are sealed in the order
+        they were written, and named by that time, so a school's exports are read in the order it made them."""
         now = now or dt.datetime.now(dt.UTC)
         settle = settle_seconds() if settle is None else settle
-        drops = list(self._drops())
-        youngest = 0.0
-        for _, _, src in drops:
-            with contextlib.suppress(FileNotFoundError):
-                age = time.time() - src.stat().st_mtime
-                if age > -settle:  # a time far in the future (a copy that kept its source's clock) is not fresh
-                    youngest = max(youngest, settle - age)
-        if youngest > 0:  # the event path starts a run about as soon as a file is closed: let it settle
-            time.sleep(min(youngest, settle))
-        out: list[Landed] = []
-        n = busy = 0
-        for kind, urn, src in drops:
-            fmt = _FORMATS.get(src.suffix.lower(), "bin")
-            try:
-                before = src.stat()
-                if -settle < time.time() - before.st_mtime < settle:
-                    busy += 1
+        seen: list[tuple[str, str, Path, os.stat_result]] = []
+        for kind, urn, src in self._drops():
+            with contextlib.suppress(FileNotFoundError):  # another intake (a run outside Airflow) took it first
+                seen.append((kind, urn, src, src.stat()))
+        busy = 0
+        if settle > 0 and any(time.time() - st.st_mtime < settle for *_, st in seen):
+            time.sleep(settle)  # recent, or dated ahead of our clock: watch them rather than trust the clock
+            watched = []
+            for kind, urn, src, st in seen:
+                try:
+                    again = src.stat()
+                except FileNotFoundError:
                     continue
-                sha = _digest(src)
-            except FileNotFoundError:  # another intake (a run outside Airflow on the same zone) sealed it first
-                continue
-            n += 1
-            dest = self._dest(kind, urn, fmt, now, n)
-            seal_file(src, dest, self._meta(kind, urn, fmt, now, before.st_size, sha))
+                if _version(again) != _version(st):
+                    busy += 1
+                else:
+                    watched.append((kind, urn, src, again))
+            seen = watched
+        seen.sort(key=lambda d: (d[3].st_mtime_ns, d[2].name))  # oldest first: the order the school made them
+        out: list[Landed] = []
+        for kind, urn, src, before in seen:
+            fmt = _FORMATS.get(src.suffix.lower(), "bin")
+            written = min(now, dt.datetime.fromtimestamp(before.st_mtime, dt.UTC))
+            dest = self._dest(kind, urn, fmt, written, 1)
             try:
+                sha = _digest(src)
+                seal_file(src, dest, self._meta(kind, urn, fmt, now, before.st_size, sha))
                 changed = _version(src.stat()) != _version(before)
-            except FileNotFoundError:
-                changed = True
+            except FileNotFoundError:  # taken by another intake meanwhile: its copy stands
+                dest.unlink(missing_ok=True)
+                continue
             if changed:  # written to (or replaced) while it was read: not the file whose digest we took
                 dest.unlink(missing_ok=True)
                 busy += 1
@@ -205,7 +215,8 @@ class LandingZone:
                       str(m["sha256"]))
 
     def sealed(self, kind: str, urn: str) -> list[Landed]:
-        """A school's sealed files of one kind, oldest first (the name starts with the landing time)."""
+        """A school's sealed files of one kind, oldest first (the name starts with when the file was written, or
+        with when it landed if that was earlier)."""
         folder = self.root / kind / urn
         if not folder.exists():
             return []

@@ -230,17 +230,41 @@ def test_a_file_changed_while_it_was_sealed_is_not_taken(sl_home: Path, monkeypa
         assert f.read().endswith(b"<!-- more -->")
 
 
-def test_a_file_dated_in_the_future_is_not_waited_for(sl_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_file_dated_ahead_of_our_clock_is_watched_then_taken(sl_home: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     import connectors.storage.landing as landing
 
     drop = sl_home / "landing" / "mis" / "100001" / "export.xml"
     drop.parent.mkdir(parents=True)
     drop.write_bytes(_ctf(1))
-    os.utime(drop, (time.time() + 86_400, time.time() + 86_400))  # copied with a clock a day ahead
+    os.utime(drop, (time.time() + 86_400, time.time() + 86_400))  # a share whose clock runs a day ahead
     waits: list[float] = []
     monkeypatch.setattr(landing.time, "sleep", waits.append)
     assert len(LandingZone().intake(settle=30)) == 1
-    assert waits == []  # not held for the settle time: nothing says it is being written
+    assert waits == [30]  # its clock is not trusted either way: watched for the settle time, unchanged, taken
+
+
+def test_exports_are_sealed_in_the_order_the_school_wrote_them(sl_home: Path) -> None:
+    """A run reads a school's newest full export and what came after it, by the sealed names: they follow when
+    each file was written, not its name, nor which run happened to take it."""
+    folder = sl_home / "landing" / "mis" / "100001"
+    folder.mkdir(parents=True)
+    t = time.time()
+    full, delta, later_full = _ctf(3), _ctf(1), _ctf(2)
+    (folder / "2-full.xml").write_bytes(full)
+    os.utime(folder / "2-full.xml", (t - 600, t - 600))
+    (folder / "1-delta.xml").write_bytes(delta)  # its name sorts first; it was written later
+    os.utime(folder / "1-delta.xml", (t - 60, t - 60))
+    zone = LandingZone()
+    zone.intake(settle=0.5)
+    (folder / "0-full.xml").write_bytes(later_full)  # taken by a later run, though written before the delta
+    os.utime(folder / "0-full.xml", (t - 300, t - 300))
+    zone.intake(settle=0.5)
+    order = []
+    for landed in zone.sealed("mis", "100001"):
+        with landed.open() as f:
+            order.append(f.read())
+    assert order == [full, later_full, delta]
 
 
 @pytest.mark.parametrize("raw", ["-1", "soon", "7200"])
