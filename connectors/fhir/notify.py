@@ -74,7 +74,7 @@ def read_notification(body: bytes, content_type: str = "") -> Notification:
         raise NotificationRefused("only JSON notifications are accepted (application/fhir+json)")
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than any FHIR resource
         raise NotificationRefused("the body is not valid JSON") from None
     if not isinstance(doc, dict):
         raise NotificationRefused("the body is not a FHIR resource (a JSON object)")

@@ -201,6 +201,7 @@ def test_notification_shapes() -> None:
     (b'{"resourceType": "Bundle", "type": "history", "entry": [{"resource": {"resourceType": "Patient"}}]}',
      "SubscriptionStatus"),
     (b'{"resourceType": "Bundle", "entry": {"x": 1}}', "Bundle.entry"),
+    (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),  # nested past the parser's recursion limit: 400, not 500
 ])
 def test_malformed_notifications_name_the_problem(body: bytes, problem: str) -> None:
     with pytest.raises(NotificationRefused, match=problem):
