@@ -186,11 +186,16 @@ def create_app(publisher: Publisher, secrets: NotifySecrets | None = None, landi
 
     def store(trust: str, body: bytes) -> str:
         landed = zone.land_bytes(KIND, trust, "json", body)
-        fd = os.open(landed.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the rename into place is durable too
-        finally:
-            os.close(fd)
+        folder = landed.path.parent
+        while True:  # the rename into place is durable, and so are folders made for a trust's first notification
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if folder == zone.root or folder.parent == folder:
+                break
+            folder = folder.parent
         return landed.key
 
     async def notify(request: Request) -> JSONResponse:
