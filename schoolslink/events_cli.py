@@ -55,7 +55,11 @@ def cmd_landing_watch(args: argparse.Namespace) -> int:
         return 1
     print(f"WATCHING {watcher.root}", flush=True)
     try:
-        stop.wait()
+        while not stop.wait(5):
+            if not watcher.alive():  # exit non-zero: the service manager restarts it, and a restart rescans
+                log.error("the landing watcher stopped watching %s (the folder gone, or a watcher thread died): "
+                          "exiting so it is restarted", watcher.root)
+                return 1
     finally:
         watcher.stop()
         publisher.close()

@@ -82,7 +82,7 @@ class LandingWatcher:
         self.settle = settle
         self.published = 0
         self._work: queue.Queue[str] = queue.Queue()
-        self._appeared: dict[str, tuple[float, int]] = {}  # path -> (when first seen, size then)
+        self._appeared: dict[str, tuple[float, int, int]] = {}  # path -> (when last looked, size, mtime_ns then)
         self._lock = threading.Lock()
         self._observer: Any = None
         self._worker: threading.Thread | None = None
@@ -134,18 +134,19 @@ class LandingWatcher:
     def appeared(self, path: str) -> None:
         """`path` was created: a writer's new file (its close follows) or a file inside a folder moved in."""
         try:
-            size = os.stat(path).st_size
+            st = os.stat(path)
         except OSError:
             return
         with self._lock:
-            self._appeared.setdefault(path, (time.monotonic(), size))
+            self._appeared.setdefault(path, (time.monotonic(), st.st_size, st.st_mtime_ns))
 
     def _settled(self) -> list[str]:
-        """Files seen appear with no close or move since, whose size held for `settle` seconds."""
+        """Files seen appear with no close or move since, whose size and modification time held for `settle`
+        seconds (watched, not judged by their time stamp: a copy may carry another machine's clock)."""
         now = time.monotonic()
         out = []
         with self._lock:
-            for path, (seen, size) in list(self._appeared.items()):
+            for path, (seen, size, mtime_ns) in list(self._appeared.items()):
                 if now - seen < self.settle:
                     continue
                 try:
@@ -153,12 +154,18 @@ class LandingWatcher:
                 except OSError:
                     del self._appeared[path]
                     continue
-                if st.st_size == size and time.time() - st.st_mtime >= self.settle:
+                if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
                     del self._appeared[path]
                     out.append(path)
                 else:
-                    self._appeared[path] = (now, st.st_size)
+                    self._appeared[path] = (now, st.st_size, st.st_mtime_ns)
         return out
+
+    def alive(self) -> bool:
+        """Still watching: the inotify observer and the worker are running and the zone is there. (watchdog stops
+        its observer when the watched folder itself is deleted; a dead watcher must exit so it is restarted.)"""
+        return (self._observer is not None and self._observer.is_alive() and self._worker is not None
+                and self._worker.is_alive() and self.root.is_dir())
 
     def _run(self) -> None:
         checked = time.monotonic()

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -293,3 +295,44 @@ def test_watcher_thread_is_gone_after_stop(prefix: str, sl_home: Path) -> None:
         pass
     publisher.close()
     assert "landing-watcher" not in {t.name for t in threading.enumerate()} - before
+
+
+def test_a_file_moved_in_with_a_clock_ahead_of_ours_is_still_published(watched: tuple[Path, Listener],
+                                                                        tmp_path: Path) -> None:
+    """Inside a folder moved in whole (no close of its own), a file counts once it has held still: watched, not
+    judged by a time stamp that another machine's clock may have set a day ahead."""
+    root, listener = watched
+    folder = tmp_path / "staging" / "100004"
+    folder.mkdir(parents=True)
+    (folder / "ctf.xml").write_bytes(b"<CTfile/>")
+    ahead = time.time() + 86_400
+    os.utime(folder / "ctf.xml", (ahead, ahead))
+    folder.rename(root / "mis" / "100004")
+    [m] = listener.until(1)
+    assert (m["data"]["kind"], m["data"]["school_urn"], m["data"]["size"]) == ("mis", "100004", 9)
+
+
+def test_a_watcher_whose_zone_is_gone_says_so_and_its_command_exits(prefix: str, sl_home: Path) -> None:
+    """watchdog stops watching when the watched folder itself is deleted: `landing watch` must then exit non-zero,
+    so the service manager restarts it (and the restart announces what is waiting), not run on deaf."""
+    from connectors.events.watcher import LandingWatcher
+
+    publisher = publisher_from_env()
+    try:
+        with LandingWatcher(publisher) as watcher:
+            assert watcher.alive()
+            shutil.rmtree(watcher.root)
+            assert not watcher.alive()
+    finally:
+        publisher.close()
+    (sl_home / "landing").mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "schoolslink.cli", "landing", "watch"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("WATCHING ")
+        shutil.rmtree(sl_home / "landing")
+        assert proc.wait(timeout=30) == 1
+        assert proc.stderr is not None and "exiting so it is restarted" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
