@@ -34,7 +34,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, func, insert, select, update
 
 from connectors.storage.sealed import seal_key
 from schoolslink.audit.query import utc
@@ -245,12 +245,16 @@ def _locked(row: Any, now: datetime) -> bool:
 
 def _failed(conn: Connection, row: Any, now: datetime, lockout_after: int, lockout: timedelta,
             locked: SignIn = SignIn.LOCKED) -> SignIn:
-    n = int(row.failed_attempts or 0) + 1
-    values: dict[str, Any] = {"failed_attempts": n}
-    if n >= lockout_after:
-        values = {"failed_attempts": 0, "locked_until": now + lockout}
-    conn.execute(update(portal_users).where(portal_users.c.user_id == row.user_id).values(**values))
-    return locked if "locked_until" in values else SignIn.FAILED
+    t = portal_users.c
+    # counted in the database, not read and written back: sign-ins handled at once (threads, processes) each count
+    n = conn.execute(update(portal_users).where(t.user_id == row.user_id)
+                     .values(failed_attempts=func.coalesce(t.failed_attempts, 0) + 1)
+                     .returning(t.failed_attempts)).scalar_one()
+    if int(n) < lockout_after:
+        return SignIn.FAILED
+    conn.execute(update(portal_users).where(t.user_id == row.user_id)
+                 .values(failed_attempts=0, locked_until=now + lockout))
+    return locked
 
 
 def check_password_sign_in(conn: Connection, email: str, password: str, now: datetime, *, lockout_after: int,
@@ -298,8 +302,12 @@ def check_code_sign_in(conn: Connection, user_id: str, code: str, now: datetime,
                  if s > last and hmac.compare_digest(totp.at(s * TOTP_STEP).encode(), typed.encode())), None)
     if step is None or user.disabled:
         return Attempt(_failed(conn, row, now, lockout_after, lockout), user)
-    conn.execute(update(portal_users).where(portal_users.c.user_id == user.user_id)
-                 .values(totp_last_step=step, failed_attempts=0, locked_until=None, last_sign_in_at=now))
+    t = portal_users.c
+    taken = conn.execute(update(portal_users)  # compare-and-set: of two sign-ins with one code, one wins
+                         .where(t.user_id == user.user_id, (t.totp_last_step.is_(None)) | (t.totp_last_step < step))
+                         .values(totp_last_step=step, failed_attempts=0, locked_until=None, last_sign_in_at=now))
+    if taken.rowcount != 1:
+        return Attempt(_failed(conn, row, now, lockout_after, lockout), user)
     return Attempt(SignIn.OK, user)
 
 

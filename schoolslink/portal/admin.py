@@ -13,6 +13,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import Connection
+from starlette.concurrency import run_in_threadpool
 
 from schoolslink.portal import accounts, sessions
 from schoolslink.portal.accounts import PUPIL_ROLES, SCHOOL_ROLES, AccountError
@@ -51,8 +52,12 @@ def users(request: Request) -> Response:
 
 @router.post("/admin/users")
 async def add_user(request: Request) -> Response:
-    p = portal(request)
     form = {k: str(v) for k, v in (await request.form()).items()}
+    return await run_in_threadpool(_add_user, request, form)  # password hashing and the database: off the loop
+
+
+def _add_user(request: Request, form: dict[str, str]) -> Response:
+    p = portal(request)
     with p.engine.begin() as conn:
         v = _admin(request, conn)
         if not isinstance(v, Viewer):

@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import Connection
+from starlette.concurrency import run_in_threadpool
 
 from schoolslink.portal import accounts, sessions
 from schoolslink.portal.accounts import AccountError, SignIn
@@ -76,8 +77,12 @@ def sign_in_form(request: Request, ended: str = "") -> Response:
 
 @router.post("/sign-in")
 async def sign_in(request: Request) -> Response:
-    p = portal(request)
     form = await request.form()
+    return await run_in_threadpool(_sign_in, request, form)  # password hashing and the database: off the loop
+
+
+def _sign_in(request: Request, form: Any) -> Response:
+    p = portal(request)
     email, password = str(form.get("email") or "").strip(), str(form.get("password") or "")
     with p.engine.begin() as conn:
         _token, login = _login_row(request, conn)
@@ -124,8 +129,12 @@ def _start_session(request: Request, conn: Connection, login: sessions.Session, 
 
 @router.post("/sign-in/code")
 async def code(request: Request) -> Response:
-    p = portal(request)
     form = await request.form()
+    return await run_in_threadpool(_code, request, form)  # password hashing and the database: off the loop
+
+
+def _code(request: Request, form: Any) -> Response:
+    p = portal(request)
     with p.engine.begin() as conn:
         _token, login = _login_row(request, conn)
         if login is None or not same_origin(request) or not login.csrf_ok(str(form.get("csrf_token") or "")):

@@ -90,6 +90,24 @@ def test_a_totp_code_counts_near_now_and_once(eng: Engine) -> None:
     assert _code(eng, uid, totp.at(NOW + timedelta(minutes=2)), NOW).outcome is SignIn.FAILED  # too far ahead
 
 
+def test_sign_ins_at_the_same_moment_each_count_and_a_code_is_taken_once(eng: Engine) -> None:
+    """The portal checks passwords on worker threads: failures counted at once are each counted (the lock-out is
+    not outrun), and of two sign-ins with one code, one wins."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    made = _add(eng)
+    email, password = made.user.email, made.password or ""
+    with ThreadPoolExecutor(3) as pool:
+        outcomes = list(pool.map(lambda _: _password(eng, email, "wrong-password!").outcome, range(3)))
+    assert sorted(outcomes) == sorted([SignIn.FAILED, SignIn.FAILED, SignIn.LOCKED_QUIET])
+    assert _password(eng, email, password).outcome is SignIn.LOCKED
+    other = _add(eng, "smhl@school.example.sch.uk", "smhl")
+    code = pyotp.TOTP(other.totp_secret or "").at(NOW)
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(lambda _: _code(eng, other.user.user_id, code).outcome, range(2)))
+    assert sorted(outcomes) == sorted([SignIn.OK, SignIn.FAILED])
+
+
 def test_failures_in_a_row_lock_the_account_whatever_is_typed(eng: Engine) -> None:
     made = _add(eng)
     email, password = made.user.email, made.password or ""
