@@ -238,8 +238,10 @@ class OidcClient:
                                   headers={"Authorization": f"Bearer {tokens['access_token']}"})
             if info.get("sub") != claims["sub"]:
                 raise OidcError("the userinfo endpoint answered for another user")
-            claims = {**{k: v for k, v in info.items() if k in (org_claim, role_claim, "email")}, **claims}
+            claims = {**{k: v for k, v in info.items() if k in (org_claim, role_claim, "email", "email_verified")},
+                      **claims}
         schools, trusts = organisations_from_claim(claims.get(org_claim))
-        email = claims.get("email")
+        # an address the provider says it has not verified names nobody: it never finds an account made for it
+        email = claims.get("email") if claims.get("email_verified") not in (False, "false") else None
         return Identity(self.settings.issuer, str(claims["sub"]), str(email) if email else None,
                         role_from_claim(claims.get(role_claim)), schools, trusts)

@@ -135,6 +135,20 @@ def test_finish_gives_the_identity(client: OidcClient, provider: Provider) -> No
     assert sent["code_verifier"] == [started.pending["verifier"]]
 
 
+@pytest.mark.parametrize("verified", [False, "false"])
+def test_an_address_the_provider_has_not_verified_is_not_used(client: OidcClient, provider: Provider,
+                                                              verified: object) -> None:
+    """Accounts made beforehand are found by email: an address the provider says it has not verified must not
+    find one (anyone could claim it)."""
+    started = client.begin("https://portal.example/oidc/callback")
+    provider.id_token = _token(started.pending["nonce"], email_verified=verified)
+    who = client.finish(started.pending, "the-code", started.pending["state"])
+    assert who.email is None and who.subject == "user-1"
+    started = client.begin("https://portal.example/oidc/callback")
+    provider.id_token = _token(started.pending["nonce"], email_verified=True)
+    assert client.finish(started.pending, "the-code", started.pending["state"]).email == "dsl@school.example.sch.uk"
+
+
 def test_finish_refuses_another_browsers_state_or_another_issuer(client: OidcClient, provider: Provider) -> None:
     started = client.begin("https://portal.example/oidc/callback")
     provider.id_token = _token(started.pending["nonce"])
