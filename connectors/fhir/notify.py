@@ -148,8 +148,21 @@ class NotifySecrets:
             elif cfg.get("secret"):
                 secrets[str(ods).upper()] = str(cfg["secret"]).encode()
         for name, value in env.items():
-            if name.startswith(SECRET_ENV) and value.strip():
-                secrets[name[len(SECRET_ENV):].upper()] = value.strip().encode()
+            if not name.startswith(SECRET_ENV) or not value.strip():
+                continue
+            ods = name[len(SECRET_ENV):].upper()
+            if ods.endswith("_FILE"):  # SCHOOLSLINK_FHIR_NOTIFY_SECRET_<ODS>_FILE: the secret is in that file
+                ods = ods[:-len("_FILE")]
+                try:
+                    secret = Path(value.strip()).read_text(encoding="utf-8").strip().encode()
+                except OSError:
+                    raise ConfigurationError(f"{name}: the file it names cannot be read") from None
+            else:
+                secret = value.strip().encode()
+            if not _ODS.match(ods) or ods == "FILE":
+                raise ConfigurationError(f"{name}: name the trust by its ODS code, as {SECRET_ENV}<ODS> or "
+                                         f"{SECRET_ENV}<ODS>_FILE")
+            secrets[ods] = secret
         header = env.get(HEADER_ENV, "").strip() or str(doc.get("header") or DEFAULT_HEADER)
         return cls(header=header, by_trust=secrets)
 

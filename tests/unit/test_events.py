@@ -22,6 +22,7 @@ from connectors.events import (
 )
 from connectors.events.watcher import drop_of
 from connectors.fhir.notify import NotificationRefused, NotifySecrets, read_notification
+from schoolslink.errors import ConfigurationError
 
 # Configuration --------------------------------------------------------------------------------------------------
 
@@ -232,6 +233,11 @@ def test_secrets_per_trust_in_constant_time(tmp_path: Path, monkeypatch: pytest.
     raw = NotifySecrets.from_env({"SCHOOLSLINK_FHIR_NOTIFY_SECRET_R9X": "s",
                                   "SCHOOLSLINK_FHIR_NOTIFY_HEADER": "X-Hook"})
     assert raw.header == "X-Hook" and raw.allows("R9X", "s") and not raw.allows("R9X", "Bearer s")
+    from_file = NotifySecrets.from_env({"SCHOOLSLINK_FHIR_NOTIFY_SECRET_R9W_FILE": str(tmp_path / "secrets" / "r9y")})
+    assert from_file.allows("R9W", "Bearer file-secret") and not from_file.allows("FILE", "Bearer file-secret")
+    for name in ("SCHOOLSLINK_FHIR_NOTIFY_SECRET_FILE", "SCHOOLSLINK_FHIR_NOTIFY_SECRET_R9 X"):
+        with pytest.raises(ConfigurationError, match="name the trust by its ODS code"):  # not a trust called FILE
+            NotifySecrets.from_env({name: str(tmp_path / "secrets" / "r9y")})
 
 
 # Schedules ------------------------------------------------------------------------------------------------------
