@@ -148,7 +148,7 @@ class LandingZone:
         for kind, urn, src in self._drops():
             with contextlib.suppress(FileNotFoundError):  # another intake (a run outside Airflow) took it first
                 seen.append((kind, urn, src, src.stat()))
-        busy = 0
+        busy: list[str] = []  # the schools whose files were left (URNs: never a file's name)
         if settle > 0 and any(time.time() - st.st_mtime < settle for *_, st in seen):
             time.sleep(settle)  # recent, or dated ahead of our clock: watch them rather than trust the clock
             watched = []
@@ -158,7 +158,7 @@ class LandingZone:
                 except FileNotFoundError:
                     continue
                 if _version(again) != _version(st):
-                    busy += 1
+                    busy.append(urn)
                 else:
                     watched.append((kind, urn, src, again))
             seen = watched
@@ -177,13 +177,13 @@ class LandingZone:
                 continue
             if changed:  # written to (or replaced) while it was read: not the file whose digest we took
                 dest.unlink(missing_ok=True)
-                busy += 1
+                busy.append(urn)
                 continue
             src.unlink(missing_ok=True)
             out.append(self._landed(dest))
         if busy:
-            log.warning("%d dropped file(s) still being written: left for the next run (write as name.part and "
-                        "rename when done)", busy)
+            log.warning("%d dropped file(s) still being written, from %s: left for the next run (uploads should be "
+                        "written as name.part and renamed when done)", len(busy), ", ".join(sorted(set(busy))))
         return out
 
     def _drops(self) -> Iterator[tuple[str, str, Path]]:

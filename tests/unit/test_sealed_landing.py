@@ -169,7 +169,8 @@ def test_intake_leaves_files_still_being_written_alone(sl_home: Path) -> None:
     assert len(list(school.iterdir())) == 2
 
 
-def test_a_file_still_being_written_is_left_whole_for_the_next_run(sl_home: Path) -> None:
+def test_a_file_still_being_written_is_left_whole_for_the_next_run(sl_home: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
     """A school's upload in progress (an SFTP put straight to the final name) is neither sealed half-written nor
     deleted from under its writer; once the writer has finished, the next intake takes the whole file."""
     drop = sl_home / "landing" / "mis" / "100001" / "export.xml"
@@ -193,6 +194,7 @@ def test_a_file_still_being_written_is_left_whole_for_the_next_run(sl_home: Path
         zone = LandingZone()
         assert zone.intake(settle=0.5) == []  # waited half a second: it was still being written
         assert drop.exists() and zone.sealed("mis", "100001") == []
+        assert "1 dropped file(s) still being written, from 100001" in caplog.text  # the school, not the name
     finally:
         stop.set()
         writer.join()
