@@ -94,15 +94,16 @@ SERVICES: Final = ("api-server", "scheduler", "dag-processor", "triggerer", "wat
 STOP_GRACE_SECONDS: Final = 20.0
 
 
-def wait_for(check: Callable[[], T | None], timeout: float, what: str, stack: Stack | None = None) -> T:
-    """Poll `check` every 0.25 s until it returns something true, and return that; TimeoutError after `timeout`
-    seconds, naming `what` (and with the end of each service's log when `stack` is given)."""
+def wait_for(check: Callable[[], T | None], timeout: float, what: str, stack: Stack | None = None, *,
+             every: float = 0.25) -> T:
+    """Poll `check` every `every` seconds until it returns something true, and return that; TimeoutError after
+    `timeout` seconds, naming `what` (and with the end of each service's log when `stack` is given)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         got = check()
         if got:
             return got
-        time.sleep(0.25)
+        time.sleep(every)
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}" + (stack.tails() if stack else ""))
 
 

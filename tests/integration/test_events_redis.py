@@ -25,6 +25,7 @@ import pytest
 import redis
 
 from connectors.events import DisabledPublisher, RedisPublisher, channel, publisher_from_env, read_message
+from schoolslink.airflow_services import wait_for
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -46,16 +47,6 @@ def prefix(monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("SCHOOLSLINK_EVENTS_PREFIX", p)
     monkeypatch.setenv("AIRFLOW_CONN_SCHOOLSLINK_EVENTS", "redis://127.0.0.1:6379")
     return p
-
-
-def wait_for(check: Any, timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def subscribers(name: str) -> int:
@@ -147,7 +138,7 @@ def private_redis(tmp_path: Path) -> Iterator[tuple[int, Any]]:
         procs.append(subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                        "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL))
-        wait_for(lambda: _ping(port), what="the private Redis to answer")
+        wait_for(lambda: _ping(port), 30, "the private Redis to answer", every=0.05)
 
     start()
     try:
@@ -176,7 +167,7 @@ def test_a_redis_outage_never_raises_is_counted_and_logged_without_payload(
     assert publisher.stats["published"] == 1
 
     redis.Redis(port=port).shutdown(nosave=True)  # the outage
-    wait_for(lambda: not _ping(port), what="the private Redis to stop")
+    wait_for(lambda: not _ping(port), 30, "the private Redis to stop", every=0.05)
     for i in range(3):
         publisher.publish("hl7v2", {"count": 1, "max_id": 4242 + i})  # returns at once, raises nothing
     assert publisher.flush(30)
