@@ -41,7 +41,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from schoolslink.airflow_runner import DAGS, airflow_env
+from schoolslink.airflow_runner import airflow_env
 from schoolslink.airflow_services import (
     DEFAULT_REDIS_URL,
     drop,
@@ -66,20 +66,14 @@ RUN_TIMEOUT = 300.0
 def sweep_child(dag_id: str) -> None:
     """In a child process with Airflow's environment and events off: load the DAG file as the dag-processor does,
     read its cron, and print the sweeps' spacing over the next WINDOW_DAYS as JSON."""
-    import importlib.util
     from datetime import datetime, timedelta
     from zoneinfo import ZoneInfo
 
-    from airflow.sdk import DAG
     from croniter import croniter
 
-    path = DAGS / f"{dag_id}.py"
-    spec = importlib.util.spec_from_file_location(f"schoolslink_bench_dag_{dag_id}", path)
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot load {path}")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    dag = next(v for v in vars(mod).values() if isinstance(v, DAG) and v.dag_id == dag_id)
+    from schoolslink.airflow_runner import _load_dag
+
+    dag = _load_dag(dag_id)  # the DAG file loaded as the dag-processor does
     timetable: Any = dag.timetable  # with events off: CronTriggerTimetable(expression, timezone)
     cron = getattr(timetable, "expression", None)
     if not cron:
