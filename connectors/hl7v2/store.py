@@ -89,6 +89,14 @@ _MAX_BATCH: Final = 10_000
 _ROWS: Final = 256
 _SIZES: Final = (1, 4, 16, 64, 256)
 _REPO: Final = Path(__file__).resolve().parents[2]
+# Under a steady stream of commits a PASSIVE checkpoint never catches up with the writer, so SQLite never starts the
+# WAL again from its beginning: it grew by about 100 MB a second under the benchmark's load, every frame a new block
+# of the file (allocated, zeroed, written back), which halved the writer's speed. Once the WAL holds this many frames
+# and a PASSIVE checkpoint has copied most of them, a RESTART checkpoint copies the rest and makes the next commit
+# start the WAL again; it holds commits up for a millisecond or so, and for no more than _RESTART_WAIT_MS.
+_WAL_RESTART_FRAMES: Final = 2048
+_RESTART_WAIT_MS: Final = 200
+_WAL_LIMIT: Final = 64 << 20  # a WAL grown past this (a burst, a long reader) is cut back to it when it restarts
 
 
 class Pending:
@@ -209,6 +217,7 @@ class _Writer:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")  # a commit returns after the WAL is on the disk
                 conn.execute("PRAGMA busy_timeout=30000")
+                conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
             else:
                 import psycopg
 
@@ -403,16 +412,20 @@ class MessageStore:
 
     def _checkpoints(self) -> None:
         """SQLite: copy the WAL into the database file now and then, off the writer's path (a checkpoint run by the
-        committing connection would hold up that commit's ACKs). PASSIVE: it never blocks the writer; the WAL is
-        reused from its start once a checkpoint has caught up."""
+        committing connection would hold up that commit's ACKs). PASSIVE, which never blocks the writer; then, when
+        the WAL has grown past _WAL_RESTART_FRAMES and the PASSIVE one copied most of it, RESTART, so the next commit
+        reuses the WAL from its start (see _WAL_RESTART_FRAMES). A RESTART that cannot finish within _RESTART_WAIT_MS
+        (a reader still on an old snapshot) gives up and lets commits go on; the next round tries again."""
         conn = sqlite3.connect(self._writer.path, isolation_level=None, check_same_thread=False)
         try:
-            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute(f"PRAGMA busy_timeout={_RESTART_WAIT_MS}")
             while True:
                 self._checkpoint_due.wait(1.0)
                 self._checkpoint_due.clear()
                 try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    _busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if frames >= _WAL_RESTART_FRAMES and frames - done <= frames // 4:
+                        conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
                 except sqlite3.Error as exc:
                     log.warning("a WAL checkpoint failed (%s); the next one will try again", type(exc).__name__)
                 with self._cond:
