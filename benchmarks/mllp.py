@@ -3,8 +3,12 @@
     .venv/bin/python -m benchmarks.mllp [--seconds 6] [--levels 1,10,50] [--json]
 
 The listener (`schoolslink mllp listen`) runs in its own process on a fresh SQLite store; the senders run in another
-process (asyncio, one connection each, stop-and-wait: send a message, wait for its ACK, send the next) at 1, 10 and
-50 concurrent senders, each level for --seconds. Every message is a distinct ADT^A08 (its own MSH-10, a valid test
+process (one connection each, stop-and-wait: send a message, wait for its ACK, send the next) at 1, 10 and 50
+concurrent senders, each level for --seconds. The senders are benchmarks/mllp_load.c, compiled here with the
+machine's C compiler (an epoll loop: a few microseconds of CPU per message, so the listener has this 2-core machine
+almost to itself, as it would with its senders on other machines); then 50 senders again from Python (asyncio on
+uvloop), which spend 15-20 us of CPU per message beside the listener. Without a C compiler, every level uses the
+Python senders (--python-senders does that too). Every message is a distinct ADT^A08 (its own MSH-10, a valid test
 NHS number), so every one is checked, sealed, committed and acknowledged. Reported per level: messages per second,
 p50 and p99 ACK latency, messages per commit (group commit), CPU per message of the listener (its event loop's
 process plus its writer process) and of the senders;
@@ -27,6 +31,7 @@ import os
 import re
 import resource
 import secrets
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -212,7 +217,45 @@ def _cpu(proc: psutil.Process) -> tuple[float, float, float, float]:
     return t.user, t.system, sum(k.user for k in kids), sum(k.system for k in kids)
 
 
-def run(levels: tuple[int, ...], seconds: float) -> dict[str, Any]:
+def load_generator(folder: Path) -> Path | None:
+    """benchmarks/mllp_load.c compiled into `folder`, or None when this machine has no C compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    exe = folder / "mllp_load"
+    subprocess.run([cc, "-O2", "-o", str(exe), str(Path(__file__).with_name("mllp_load.c"))], check=True,
+                   stdin=subprocess.DEVNULL)
+    return exe
+
+
+def _c_senders(exe: Path, folder: Path, port: int, n: int, seconds: float, tag: str) -> dict[str, Any]:
+    from schoolslink.identifiers import make_test_nhs_number
+
+    messages = folder / "messages.bin"
+    if not messages.exists():  # the template, NUL, then the NHS numbers back to back
+        messages.write_bytes(TEMPLATE.encode() + b"\0" + "".join(make_test_nhs_number(i) for i in range(1000)).encode())
+    result, acked = folder / f"{tag}.json", folder / f"{tag}.acked"
+    subprocess.run([str(exe), str(port), str(n), str(seconds), tag, str(messages), str(result), str(acked)],
+                   stdin=subprocess.DEVNULL, check=True)
+    res: dict[str, Any] = json.loads(result.read_text())
+    res["aa_ids"] = acked.read_text().split()
+    res["load_generator"] = "C (benchmarks/mllp_load.c)"
+    return res
+
+
+def _python_senders(folder: Path, env: dict[str, str], port: int, n: int, seconds: float,
+                    tag: str) -> dict[str, Any]:
+    result = folder / f"{tag}.json"
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.mllp", "--client", "--port", str(port), "--senders", str(n),
+         "--seconds", str(seconds), "--tag", tag, "--out", str(result)],
+        stdin=subprocess.DEVNULL, check=True, env=env, cwd=Path(__file__).parents[1])
+    res: dict[str, Any] = json.loads(result.read_text())
+    res["load_generator"] = "Python (asyncio on uvloop)"
+    return res
+
+
+def run(levels: tuple[int, ...], seconds: float, *, python_senders: bool = False) -> dict[str, Any]:
     from connectors.hl7v2.listener import ListenerProcess
 
     out: dict[str, Any] = {"levels": {}, "store": "sqlite (WAL, synchronous=FULL)", "cpus": os.cpu_count()}
@@ -222,20 +265,25 @@ def run(levels: tuple[int, ...], seconds: float) -> dict[str, Any]:
                "SCHOOLSLINK_KEY": "bench-key-not-secret"}
         child_env = {k: v for k, v in os.environ.items() if k != "SCHOOLSLINK_DB_URL"} | env
         home.mkdir(parents=True)
+        exe = None if python_senders else load_generator(Path(tmp))
+        # (label, senders, C?): every level, then the top one again from Python, for comparison
+        runs = [(str(n), n, exe is not None) for n in levels]
+        if exe is not None and levels:
+            runs.append((f"{max(levels)}-python", max(levels), False))
         out["fsync_ms_before"] = fsync_ms(home)
         with ListenerProcess(env=env, log_path=Path(tmp) / "listener.log",
                              args=["--db-url", f"sqlite:///{home / 'state.db'}"]) as listener:
             acked: set[str] = set()
             proc = psutil.Process(listener.pid)
-            for n in levels:
+            for i, (label, n, in_c) in enumerate(runs):
                 cpu0 = _cpu(proc)
-                tag = f"L{n}"
-                result = Path(tmp) / f"senders-{n}.json"
-                subprocess.run(
-                    [sys.executable, "-m", "benchmarks.mllp", "--client", "--port", str(listener.port),
-                     "--senders", str(n), "--seconds", str(seconds), "--tag", tag, "--out", str(result)],
-                    stdin=subprocess.DEVNULL, check=True, env=child_env, cwd=Path(__file__).parents[1])
-                res = json.loads(result.read_text())
+                tag = f"L{i}"
+                if in_c:
+                    assert exe is not None
+                    res = _c_senders(exe, Path(tmp), listener.port, n, seconds, tag)
+                else:
+                    res = _python_senders(Path(tmp), child_env, listener.port, n, seconds, tag)
+                res["tag"] = tag
                 cpu1 = _cpu(proc)
                 acked.update(res.pop("aa_ids"))
                 per = 1e6 / max(1, res["messages"])
@@ -246,14 +294,14 @@ def run(levels: tuple[int, ...], seconds: float) -> dict[str, Any]:
                 res["listener_writer_cpu_us_per_msg"] = round(writer_s * per, 1)
                 res["listener_cpu_user_sys_s"] = [round(cpu1[0] - cpu0[0] + cpu1[2] - cpu0[2], 2),
                                                   round(cpu1[1] - cpu0[1] + cpu1[3] - cpu0[3], 2)]
-                out["levels"][str(n)] = res
+                out["levels"][label] = res
             listener.terminate()
         out["fsync_ms_after"] = fsync_ms(home)
         db = sqlite3.connect(home / "state.db")
         stored = {r[0] for r in db.execute("SELECT control_id FROM hl7_messages")}
-        for n, fig in out["levels"].items():  # each commit stamps its messages with one received_at
+        for fig in out["levels"].values():  # each commit stamps its messages with one received_at
             commits = db.execute("SELECT count(DISTINCT received_at) FROM hl7_messages WHERE control_id LIKE ?",
-                                 (f"L{n}-%",)).fetchone()[0]
+                                 (f"{fig['tag']}-%",)).fetchone()[0]
             fig["messages_per_commit"] = round(fig["messages"] / max(1, commits), 1)
         db.close()
         out["acked_aa"] = len(acked)
@@ -266,9 +314,9 @@ def run(levels: tuple[int, ...], seconds: float) -> dict[str, Any]:
             out["mean_messages_per_commit"] = round(int(m.group(1)) / max(1, int(m.group(2))), 1)
     out["baselines"] = base = baselines(sample_message(1))
     fsync = max(out["fsync_ms_before"], out["fsync_ms_after"])
-    for n, fig in out["levels"].items():
+    for fig in out["levels"].values():
         # stop-and-wait: each sender has one message in flight, so no more than this many can be committed a second
-        fig["fsync_bound_per_s"] = round(int(n) / (fsync / 1000))
+        fig["fsync_bound_per_s"] = round(fig["senders"] / (fsync / 1000))
         fig["x_hl7apy_parse"] = round(fig["per_s"] / base["hl7apy_parse_per_s"], 1)
         fig["x_python_hl7_parse"] = round(fig["per_s"] / base["python_hl7_parse_per_s"], 2)
     return out
@@ -279,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=6.0, help="how long each level runs (default 6)")
     p.add_argument("--levels", default=",".join(map(str, LEVELS)), help="concurrent senders per level (1,10,50)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--python-senders", action="store_true", help="every level from the Python senders, not the C ones")
     p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)  # the sender process
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--senders", type=int, default=1, help=argparse.SUPPRESS)
@@ -288,15 +337,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.client:
         client_main(args.port, args.senders, args.seconds, args.tag, args.out)
         return 0
-    out = run(tuple(int(x) for x in args.levels.split(",")), args.seconds)
+    out = run(tuple(int(x) for x in args.levels.split(",")), args.seconds, python_senders=args.python_senders)
     if args.json:
         print(json.dumps(out))
         return 0 if out["acked_not_stored"] == 0 else 1
     b = out["baselines"]
-    print(f"MLLP listener, persist before ACK ({out['store']}), {out['cpus']} CPUs, {b['message_bytes']}-byte ADT^A08")
-    for n, fig in out["levels"].items():
-        print(f"  {n:>3} senders: {fig['per_s']:>7,d} msg/s  p50 {fig['p50_ms']:.2f} ms  p99 {fig['p99_ms']:.2f} ms"
-              f"  ({fig['messages']} in {fig['seconds']} s; x{fig['x_hl7apy_parse']} hl7apy parse, "
+    print(f"MLLP listener, persist before ACK ({out['store']}), {out['cpus']} CPUs, {b['message_bytes']}-byte ADT^A08; "
+          "senders from benchmarks/mllp_load.c (C) or asyncio (Python)")
+    for fig in out["levels"].values():
+        gen = fig["load_generator"].split()[0]
+        print(f"  {fig['senders']:>3} {gen:<6} senders: {round(fig['per_s']):>7,d} msg/s  p50 {fig['p50_ms']:.2f} ms"
+              f"  p99 {fig['p99_ms']:.2f} ms  ({fig['messages']} in {fig['seconds']} s; "
+              f"x{fig['x_hl7apy_parse']} hl7apy parse, "
               f"x{fig['x_python_hl7_parse']} python-hl7 parse)")
     print(f"  acknowledged AA {out['acked_aa']}, stored {out['stored']}, acknowledged but not stored "
           f"{out['acked_not_stored']}; messages per commit: " + ", ".join(

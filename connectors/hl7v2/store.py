@@ -218,6 +218,7 @@ class _Writer:
                 conn.execute("PRAGMA synchronous=FULL")  # a commit returns after the WAL is on the disk
                 conn.execute("PRAGMA busy_timeout=30000")
                 conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
+                conn.execute("PRAGMA cache_size=-65536")
             else:
                 import psycopg
 
