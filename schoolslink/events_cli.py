@@ -46,7 +46,7 @@ def cmd_landing_watch(args: argparse.Namespace) -> int:
     _logging()
     publisher = publisher_from_env()
     stop = _stop_on_signals()
-    watcher = LandingWatcher(publisher, settle=args.settle)
+    watcher = LandingWatcher(publisher, settle=args.settle, rescan=args.rescan)
     try:
         watcher.start()
     except OSError as exc:
@@ -98,6 +98,8 @@ def register_events(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                                        "stopped)")
     lw.add_argument("--settle", type=float, default=2.0, metavar="SECONDS",
                     help="a file with no close or move of its own counts once its size holds this long")
+    lw.add_argument("--rescan", type=float, default=60.0, metavar="SECONDS",
+                    help="list the zone this often for files whose events were lost (an inotify overflow)")
     lw.set_defaults(func=cmd_landing_watch)
 
     fp = sub.add_parser("fhir", help="FHIR subscription notifications (docs/events.md)")

@@ -20,7 +20,14 @@ and `consent/<URN>.csv` — and never a partial or temporary one:
 The payload is `{"kind": "mis"|"consent", "school_urn": URN, "sha256": hex, "size": bytes}`: the landed file
 named by its school and hash, never by its name (a school may put a pupil's name in one) or its contents. When
 the watcher starts it publishes one `{"kind": "startup", "waiting": n}` if files are already waiting (they
-landed while it was down). A lost event costs latency only: the sweep takes the file at the next hour.
+landed while it was down).
+
+Events can be lost: when the kernel's inotify queue overflows (a burst of files faster than the watcher reads),
+the events in it are dropped, and watchdog re-adds its watches without saying what was lost. So every `rescan`
+seconds (default 60) the watcher lists the zone: a file it has neither published (at its present size and time)
+nor is already waiting on is watched from then, and published once it has held still for `settle` seconds, as a
+file moved in with its folder is. A lost event costs a minute, then, and never the file; and the sweep takes
+whatever is still there at the next hour.
 """
 
 from __future__ import annotations
@@ -74,13 +81,17 @@ def _sha256(path: Path) -> tuple[str, int]:
 class LandingWatcher:
     """Watches the landing zone and publishes `landing` for each completed drop (see the module docstring)."""
 
-    def __init__(self, publisher: Publisher, root: Path | None = None, settle: float = 2.0) -> None:
+    def __init__(self, publisher: Publisher, root: Path | None = None, settle: float = 2.0,
+                 rescan: float = 60.0) -> None:
         from schoolslink.settings import landing_dir
 
         self.publisher = publisher
         self.root = (root or landing_dir()).resolve()
         self.settle = settle
+        self.rescan = rescan
         self.published = 0
+        self.rescued = 0  # files a rescan found that no event had announced
+        self._known: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) published or announced at start
         self._work: queue.Queue[str] = queue.Queue()
         self._appeared: dict[str, tuple[float, int, int]] = {}  # path -> (when last looked, size, mtime_ns then)
         self._lock = threading.Lock()
@@ -101,7 +112,15 @@ class LandingWatcher:
         observer.schedule(_Handler(self), str(self.root), recursive=True)
         observer.start()
         self._observer = observer
-        waiting = sum(1 for p in self.root.rglob("*") if p.is_file() and drop_of(self.root, p))
+        waiting = 0
+        for path in self._drops():
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            with self._lock:  # the worker may be publishing already
+                self._known[path] = (st.st_size, st.st_mtime_ns)  # announced now: the startup event's run takes it
+            waiting += 1
         if waiting:
             self.publisher.publish("landing", {"kind": "startup", "waiting": waiting})
         log.info("watching the landing zone (%d file(s) already waiting)", waiting)
@@ -167,8 +186,43 @@ class LandingWatcher:
         return (self._observer is not None and self._observer.is_alive() and self._worker is not None
                 and self._worker.is_alive() and self.root.is_dir())
 
+    def _drops(self) -> list[str]:
+        """Every file in the zone that `intake` would take as a drop."""
+        out = []
+        for sub in ("mis", "consent"):
+            for folder, _dirs, files in os.walk(self.root / sub):
+                for name in files:
+                    path = os.path.join(folder, name)
+                    if drop_of(self.root, Path(path)) is not None:
+                        out.append(path)
+        return out
+
+    def _rescan(self) -> int:
+        """Watch the drops no event announced (see the module docstring); how many there were."""
+        found = 0
+        present = set()
+        for path in self._drops():
+            present.add(path)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            with self._lock:
+                if self._known.get(path) == (st.st_size, st.st_mtime_ns) or path in self._appeared:
+                    continue
+                self._appeared[path] = (time.monotonic(), st.st_size, st.st_mtime_ns)
+            found += 1
+        with self._lock:
+            for path in set(self._known) - present:  # taken by a run's intake (or removed): nothing to remember
+                del self._known[path]
+        if found:
+            self.rescued += found
+            log.warning("%d landed file(s) had no event (events lost: an inotify queue overflow?); each is "
+                        "published once it has held still", found)
+        return found
+
     def _run(self) -> None:
-        checked = time.monotonic()
+        checked = rescanned = time.monotonic()
         while True:
             try:
                 item = self._work.get(timeout=min(1.0, self.settle))
@@ -182,6 +236,12 @@ class LandingWatcher:
                 checked = time.monotonic()
                 for path in self._settled():
                     self._publish(Path(path))
+            if time.monotonic() - rescanned >= self.rescan:
+                rescanned = time.monotonic()
+                try:
+                    self._rescan()
+                except OSError as exc:  # the zone unreadable for a moment: the next rescan tries again
+                    log.warning("the landing zone could not be listed (%s)", type(exc).__name__)
 
     def _publish(self, path: Path) -> None:
         drop = drop_of(self.root, path)
@@ -189,9 +249,15 @@ class LandingWatcher:
             return
         kind, urn = drop
         try:
+            st = os.stat(path)
+            with self._lock:
+                if self._known.get(str(path)) == (st.st_size, st.st_mtime_ns):
+                    return  # announced already, as it is now (an event and a rescan may both have found it)
             sha, size = _sha256(path)
         except OSError:
             return  # already taken by a run's intake (sealed, the plain copy removed): that run has it
+        with self._lock:
+            self._known[str(path)] = (st.st_size, st.st_mtime_ns)
         self.publisher.publish("landing", {"kind": kind, "school_urn": urn, "sha256": sha, "size": size})
         self.published += 1
         log.info("a %s file landed for school %s (sha256 %s…): event published", kind, urn, sha[:12])

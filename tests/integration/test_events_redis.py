@@ -277,6 +277,44 @@ def test_the_watcher_announces_files_that_landed_while_it_was_down(prefix: str, 
         listener.close()
 
 
+def test_files_whose_events_were_lost_are_found_by_the_rescan_once(prefix: str, sl_home: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """An inotify queue overflow drops events and nobody learns which: the rescan finds such a file and publishes it
+    once it has held still, and never again a file already published or announced at start."""
+    from connectors.events.watcher import LandingWatcher
+
+    caplog.set_level(logging.INFO)
+    root = sl_home / "landing"
+    (root / "mis" / "100001").mkdir(parents=True)
+    (root / "mis" / "100001" / "waiting.xml").write_bytes(b"<CTfile/>")  # there before the watcher: announced
+    listener = Listener(channel("landing", prefix))
+    publisher = publisher_from_env()
+    watcher = LandingWatcher(publisher, settle=0.3, rescan=0.3)
+    try:
+        watcher.start()
+        assert listener.until(1)[0]["data"] == {"kind": "startup", "waiting": 1}
+        (root / "mis" / "100002").mkdir()
+        (root / "mis" / "100002" / "heard.xml").write_bytes(b"<CTfile>heard</CTfile>")  # its close is an event
+        assert listener.until(2)[1]["data"]["school_urn"] == "100002"
+        # the events are lost from here on (as in an overflow): the watcher's inotify observer hears nothing more
+        observer, watcher._observer = watcher._observer, None
+        observer.stop()
+        observer.join(5)
+        (root / "mis" / "100003").mkdir()
+        (root / "mis" / "100003" / "LOSTNAME.xml").write_bytes(b"<CTfile>lost</CTfile>")
+        found = listener.until(3)[2]["data"]
+        assert (found["kind"], found["school_urn"], found["size"]) == ("mis", "100003", 21)
+        time.sleep(1.5)  # several more rescans: nothing is published twice
+        publisher.publish("landing", {"kind": "sentinel"})
+        assert listener.until(4)[3]["data"] == {"kind": "sentinel"}
+        assert watcher.rescued == 1
+    finally:
+        watcher.stop()
+        publisher.close()
+        listener.close()
+    assert "1 landed file(s) had no event" in caplog.text and "LOSTNAME" not in caplog.text
+
+
 def test_watcher_thread_is_gone_after_stop(prefix: str, sl_home: Path) -> None:
     from connectors.events.watcher import LandingWatcher
 
