@@ -18,6 +18,9 @@ the listener stops (with an error) without acknowledging what it had not answere
   apply, on a thread of its own (in this process), never delaying a commit or an ACK (that is how events are
   published; this module imports no event library). Its exceptions are logged by type, without message content.
 - SIGTERM or SIGINT: stop accepting and stop reading, commit and acknowledge everything already received, close.
+- A commit the writer has not answered for `stall_warning` seconds (10; the database locked by another process, a
+  disk that stopped answering) is logged as an error, with how long and how many messages wait, and again each
+  further `stall_warning` seconds, then once when it returns: the senders see only ACKs that do not come.
 - Logs carry counts, ids and peer addresses, never message content.
 
 `ListenerProcess` runs `schoolslink mllp listen` as a child process (tests and the benchmark).
@@ -169,7 +172,7 @@ class MllpListener:
 
     def __init__(self, store: MessageStore, *, host: str = "127.0.0.1", port: int = 2575,
                  ssl: ssl_module.SSLContext | None = None, on_stored: Callable[[int, int], None] | None = None,
-                 max_message: int = MAX_FRAME, max_inflight: int = 1000) -> None:
+                 max_message: int = MAX_FRAME, max_inflight: int = 1000, stall_warning: float = 10.0) -> None:
         self.store = store
         self.host = host
         self.port = port
@@ -177,6 +180,10 @@ class MllpListener:
         self.on_stored = on_stored
         self.max_message = max_message
         self.max_inflight = max_inflight
+        self.stall_warning = stall_warning
+        self.stalls = 0  # commits that took longer than stall_warning
+        self._sent_at = 0.0  # when the batch in flight went to the writer
+        self._stall_logged = 0.0  # how long it had waited when last logged (0: not logged)
         self.connections: set[_Connection] = set()
         self.counts = {"connections": 0, "messages": 0, "oversize": 0, "discarded_bytes": 0, "dropped_at_shutdown": 0}
         self.stopping = False
@@ -221,12 +228,17 @@ class MllpListener:
             return
         del self._outbox[:n]
         self._batch = batch
+        self._sent_at = time.monotonic()
 
     def _committed(self, answer: bytes) -> None:
         """The writer answered (the commit holding the batch in flight has returned): write its ACKs, hand over
         the next batch."""
         batch, self._batch = self._batch, None
         assert batch is not None
+        if self._stall_logged:
+            log.warning("the store answered after %.1f s: %d messages acknowledged", time.monotonic() - self._sent_at,
+                        len(batch))
+            self._stall_logged = 0.0
         new, highest, stats = WriterProcess.answer(answer, batch)
         self._submit()  # the next group commit starts before this one's ACKs are written
         self.store.stats.update(stats)
@@ -310,11 +322,28 @@ class MllpListener:
         if ready is not None:
             ready(port)
         stats = asyncio.ensure_future(self._log_stats())
+        watchdog = asyncio.ensure_future(self._watch_commits())
         assert self._stopped is not None
         await self._stopped.wait()
         stats.cancel()
+        watchdog.cancel()
         if self.failed:
             raise RuntimeError("the HL7v2 store's writer process is gone")
+
+    async def _watch_commits(self) -> None:
+        """Log a commit that has not been answered for `stall_warning` seconds, and again each further period."""
+        while True:
+            await asyncio.sleep(min(1.0, self.stall_warning / 4))
+            if self._batch is None:
+                continue
+            waited = time.monotonic() - self._sent_at
+            if waited >= self.stall_warning and waited - self._stall_logged >= self.stall_warning:
+                if not self._stall_logged:
+                    self.stalls += 1
+                self._stall_logged = waited
+                log.error("the store has not answered a commit for %.0f s: %d messages wait for their ACKs (%d in "
+                          "that commit); is the database locked by another process, or the disk not answering?",
+                          waited, self._inflight, len(self._batch))
 
     async def _log_stats(self) -> None:
         seen = dict(self.store.stats)

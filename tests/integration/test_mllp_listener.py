@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import shutil
@@ -521,6 +522,47 @@ def test_a_stop_after_a_sender_reset_its_connection_still_tears_down(env: dict[s
     assert asyncio.run(main()) is True
     assert lst._writer is not None and lst._writer.process.poll() is not None  # the writer process is gone
     assert _store(env).counts()["received"] == 5
+
+
+def test_a_commit_the_database_holds_up_is_logged_then_acknowledged(env: dict[str, str],
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Another process holds the SQLite write lock: the commit waits (the senders see ACKs that do not come), the
+    listener says so in its log, and once the lock goes the message is stored and acknowledged AA."""
+    import sqlite3
+
+    caplog.set_level(logging.INFO)
+    lst = MllpListener(_store(env), port=0, stall_warning=0.5)
+    blocker = sqlite3.connect(env["SCHOOLSLINK_DB_URL"].removeprefix("sqlite:///"), isolation_level=None)
+
+    async def main() -> str:
+        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        serve = asyncio.ensure_future(lst.serve(ready.set_result))
+        port = await ready
+        blocker.execute("BEGIN IMMEDIATE")  # the write lock, held
+        loop = asyncio.get_running_loop()
+
+        def send() -> str:
+            with MllpSender("127.0.0.1", port, timeout=30) as s:
+                return s.send(adt("HELD1")).code
+
+        sent = loop.run_in_executor(None, send)
+        await asyncio.sleep(1.6)
+        assert not sent.done()  # no ACK while the commit cannot happen
+        blocker.execute("COMMIT")
+        code = await sent
+        await lst.stop()
+        await asyncio.wait([serve], timeout=20)
+        return code
+
+    try:
+        assert asyncio.run(main()) == "AA"
+    finally:
+        blocker.close()
+    assert lst.stalls == 1
+    assert "the store has not answered a commit for" in caplog.text and "1 messages wait" in caplog.text
+    assert "the store answered after" in caplog.text
+    assert "HELD1" not in caplog.text and GOOD not in caplog.text
+    assert _store(env).counts()["received"] == 1
 
 
 def test_a_sender_that_never_reads_its_acks_is_not_read_from(env: dict[str, str]) -> None:
