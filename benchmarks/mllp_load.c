@@ -6,10 +6,12 @@
    acknowledgment, sends the next, until SECONDS have passed. Every message is MESSAGES_FILE's template (three %s:
    the control id, an NHS number, a sequence number; then a NUL byte, then 10-digit NHS numbers back to back) made
    distinct by its control id TAG-<connection>-<n>. Writes RESULT_FILE (JSON: messages, seconds, per_s, p50_ms,
-   p99_ms, not_aa, sender_cpu_us_per_msg) and ACKED_FILE (the control id of every message acknowledged AA, one a
-   line), which the benchmark compares with what the listener stored.
+   p99_ms, not_aa, mismatched, closed, sender_cpu_us_per_msg and its user and system parts) and ACKED_FILE (the
+   control id of every message acknowledged AA, one a line), which the benchmark compares with what the listener
+   stored. An acknowledgment counts as AA only when its MSA says AA for the control id just sent; one that names
+   another (`mismatched`) or a connection the listener closed (`closed`) makes the exit status 1.
 
-   Why C: the senders share this 2-core machine with the listener; the Python senders spend 15-20 us of CPU per
+   Why C: the senders share this 2-core machine with the listener; the Python senders spend 13-16 us of CPU per
    message, which the listener then does not have. The benchmark runs both and reports both. */
 
 #define _GNU_SOURCE
@@ -46,6 +48,7 @@ static double now(void) {
 }
 
 static char *template_;
+static long mismatched;
 static char *numbers;
 static size_t n_numbers;
 static const char *tag;
@@ -107,6 +110,10 @@ int main(int argc, char **argv) {
     fclose(mf);
     template_[size] = 0;
     size_t tlen = strlen(template_);
+    if ((long)tlen >= size) {
+        fprintf(stderr, "the messages file has no NUL byte after its template\n");
+        return 2;
+    }
     numbers = template_ + tlen + 1;
     n_numbers = ((size_t)size - tlen - 1) / 10;
     if (n_numbers == 0 || senders < 1) {
@@ -118,7 +125,8 @@ int main(int argc, char **argv) {
 
     size_t lat_cap = 1 << 20, lat_n = 0;
     double *lat = malloc(lat_cap * sizeof *lat);
-    long not_aa = 0;
+    if (!lat) die("malloc");
+    long not_aa = 0, closed = 0;
     conn_t *conns = calloc((size_t)senders, sizeof *conns);
     int ep = epoll_create1(0);
     if (ep < 0) die("epoll_create1");
@@ -157,6 +165,7 @@ int main(int argc, char **argv) {
                 fprintf(stderr, "connection %d closed by the listener\n", k);
                 close(c->fd);
                 c->done = 1;
+                closed++;
                 open_--;
                 continue;
             }
@@ -173,13 +182,26 @@ int main(int argc, char **argv) {
             double t = now();
             if (lat_n == lat_cap) {
                 lat_cap *= 2;
-                lat = realloc(lat, lat_cap * sizeof *lat);
+                double *more = realloc(lat, lat_cap * sizeof *lat);
+                if (!more) die("realloc");
+                lat = more;
             }
             lat[lat_n++] = t - c->t0;
-            if (memmem(c->buf, (size_t)(end - c->buf), "|AA|", 4))
+            /* MSA|<code>|<the control id just sent>, then CR or the next field */
+            char *msa = memmem(c->buf, (size_t)(end - c->buf), "MSA|", 4);
+            size_t cl = strlen(c->cid);
+            int ours = 0, aa = 0;
+            if (msa && (size_t)(end - msa) > 7 + cl) {
+                char after = msa[7 + cl];
+                ours = msa[6] == '|' && memcmp(msa + 7, c->cid, cl) == 0 && (after == '\r' || after == '|');
+                aa = ours && memcmp(msa + 4, "AA", 2) == 0;
+            }
+            if (aa)
                 fprintf(acked, "%s\n", c->cid);
-            else
+            else if (ours)
                 not_aa++;
+            else
+                mismatched++;
             c->have = 0;
             if (t < deadline) {
                 send_next(c, k);
@@ -195,16 +217,19 @@ int main(int argc, char **argv) {
     qsort(lat, lat_n, sizeof *lat, cmp);
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
-    double cpu = ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
+    double user = ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6, sys = ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
+    double cpu = user + sys;
     FILE *out = fopen(argv[6], "w");
     if (!out) die("result file");
     size_t p99 = (size_t)(lat_n * 0.99);
     if (p99 >= lat_n) p99 = lat_n ? lat_n - 1 : 0;
     fprintf(out,
             "{\"senders\": %d, \"messages\": %zu, \"seconds\": %.3f, \"per_s\": %.0f, \"p50_ms\": %.3f, "
-            "\"p99_ms\": %.3f, \"not_aa\": %ld, \"sender_cpu_us_per_msg\": %.1f}\n",
+            "\"p99_ms\": %.3f, \"not_aa\": %ld, \"mismatched\": %ld, \"closed\": %ld, "
+            "\"sender_cpu_us_per_msg\": %.1f, \"sender_user_us_per_msg\": %.1f, \"sender_sys_us_per_msg\": %.1f}\n",
             senders, lat_n, wall, lat_n / wall, lat_n ? lat[lat_n / 2] * 1000 : 0.0, lat_n ? lat[p99] * 1000 : 0.0,
-            not_aa, lat_n ? cpu / lat_n * 1e6 : 0.0);
+            not_aa, mismatched, closed, lat_n ? cpu / lat_n * 1e6 : 0.0, lat_n ? user / lat_n * 1e6 : 0.0,
+            lat_n ? sys / lat_n * 1e6 : 0.0);
     fclose(out);
-    return 0;
+    return (mismatched || closed) ? 1 : 0;
 }

@@ -225,6 +225,60 @@ def test_the_wal_starts_again_under_a_steady_stream_of_commits(env: dict[str, st
     assert largest < 24 << 20, f"the WAL grew to {largest >> 20} MB"
 
 
+def test_a_reader_in_the_wal_makes_the_restart_give_up_not_the_writer_wait(env: dict[str, str]) -> None:
+    """Another process reading the same database (the pipeline shares it) keeps the WAL in use: the RESTART
+    checkpoint must give up at once and let commits go on, and succeed once the reader has gone."""
+    import sqlite3
+
+    from connectors.hl7v2.fastcheck import check
+    from connectors.hl7v2.store import Pending
+
+    path = env["SCHOOLSLINK_DB_URL"].removeprefix("sqlite:///")
+    store = MessageStore(env["SCHOOLSLINK_DB_URL"])
+    committed = threading.Event()
+    store.start(on_commit=lambda batch: committed.set())
+    reading = threading.Event()
+    done = threading.Event()
+
+    def reader() -> None:  # read transactions back to back, each open for a while
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            while not done.is_set():
+                conn.execute("BEGIN")
+                conn.execute("SELECT count(*) FROM hl7_messages").fetchone()
+                reading.set()
+                done.wait(0.3)
+                conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        assert reading.wait(10)
+        for n in range(1500):
+            committed.clear()
+            store.submit(Pending(check(m), m) for m in [adt(f"R{k}-{n}") for k in range(10)])
+            assert committed.wait(30)
+        refused = store.stats["wal_restarts_refused"]
+        done.set()
+        t.join(10)
+        for n in range(1500, 2500):  # the reader gone: the WAL starts again
+            committed.clear()
+            store.submit(Pending(check(m), m) for m in [adt(f"R{k}-{n}") for k in range(10)])
+            assert committed.wait(30)
+        deadline = time.monotonic() + 10
+        while store.stats["wal_restarts"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        done.set()
+        t.join(10)
+        store.close()
+    assert refused >= 1, "the reader never kept the WAL in use: the test proves nothing"
+    assert store.stats["wal_restarts"] >= 1
+    assert store.counts()["received"] == 25_000
+
+
 # -- TLS ------------------------------------------------------------------------------------------------------------
 
 
