@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         sealed = seal_file(big, Path(tmp) / "big.xml.sealed", {"kind": "bench"})
         seal_s = time.perf_counter() - t0
-        res = {
+        res: dict[str, Any] = {
             "file_mb": round(big.stat().st_size / 1e6, 1), "pupils": n_big, "seal_seconds": round(seal_s, 2),
             "stream_small": _child("stream", small), "stream": _child("stream", big),
             "sealed": _child("sealed", sealed), "baseline": _child("baseline", big),

@@ -43,6 +43,9 @@ def cmd_landing_watch(args: argparse.Namespace) -> int:
     from connectors.events import publisher_from_env
     from connectors.events.watcher import LandingWatcher
 
+    if not args.rescan > 0 or not args.settle >= 0:
+        print("schoolslink landing watch: --rescan must be over 0 seconds and --settle 0 or more", file=sys.stderr)
+        return 2
     _logging()
     publisher = publisher_from_env()
     stop = _stop_on_signals()

@@ -24,10 +24,14 @@ landed while it was down).
 
 Events can be lost: when the kernel's inotify queue overflows (a burst of files faster than the watcher reads),
 the events in it are dropped, and watchdog re-adds its watches without saying what was lost. So every `rescan`
-seconds (default 60) the watcher lists the zone: a file it has neither published (at its present size and time)
-nor is already waiting on is watched from then, and published once it has held still for `settle` seconds, as a
-file moved in with its folder is. A lost event costs a minute, then, and never the file; and the sweep takes
-whatever is still there at the next hour.
+seconds (default 60) the watcher lists the zone. A file it has not published as it is now, is not waiting on, and
+has not changed since the previous listing began (so no event of its own can still be on its way) is watched from
+then and published once it has held still for `settle` seconds, as a file moved in with its folder is. A lost event
+costs a minute or two, then, never the file; the sweep takes whatever is still there at the next hour.
+
+Never the same content twice: the watcher remembers, per path, the file it last announced (inode, size, times) and
+its SHA-256. A file whose inode and digest match what was announced is not announced again (a `touch`, a copy tool
+setting the time after it closed the file); new content, or a file deleted and dropped again, is.
 """
 
 from __future__ import annotations
@@ -68,14 +72,24 @@ def drop_of(root: Path, path: Path) -> tuple[str, str] | None:
     return None
 
 
-def _sha256(path: Path) -> tuple[str, int]:
+def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What says a file changed: inode, size, modification and change times."""
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _sha256(path: Path) -> tuple[str, int, tuple[int, int, int, int]] | None:
+    """(digest, size, stamp) of the file as one version: None if it changed while it was read (its own close or
+    move event follows, or the next rescan finds it)."""
     h = hashlib.sha256()
     n = 0
     with path.open("rb") as f:
+        before = _stamp(os.fstat(f.fileno()))
         while chunk := f.read(1 << 20):
             h.update(chunk)
             n += len(chunk)
-    return h.hexdigest(), n
+        if _stamp(os.fstat(f.fileno())) != before:
+            return None
+    return h.hexdigest(), n, before
 
 
 class LandingWatcher:
@@ -85,13 +99,19 @@ class LandingWatcher:
                  rescan: float = 60.0) -> None:
         from schoolslink.settings import landing_dir
 
+        if not rescan > 0 or not settle >= 0:
+            raise ValueError("rescan must be over 0 seconds, and settle 0 or more")
         self.publisher = publisher
         self.root = (root or landing_dir()).resolve()
         self.settle = settle
         self.rescan = rescan
         self.published = 0
         self.rescued = 0  # files a rescan found that no event had announced
-        self._known: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) published or announced at start
+        # path -> (stamp, digest) of what was published there (digest None: announced at start, not read)
+        self._known: dict[str, tuple[tuple[int, int, int, int], str | None]] = {}
+        self._queued: set[str] = set()  # completed, waiting for the worker to publish
+        self._rescued: set[str] = set()  # found by a rescan, waiting to hold still
+        self._scanned = threading.Event()  # the start-up listing is done: rescans may begin
         self._work: queue.Queue[str] = queue.Queue()
         self._appeared: dict[str, tuple[float, int, int]] = {}  # path -> (when last looked, size, mtime_ns then)
         self._lock = threading.Lock()
@@ -113,14 +133,17 @@ class LandingWatcher:
         observer.start()
         self._observer = observer
         waiting = 0
-        for path in self._drops():
+        for path in self._drops()[0]:
             try:
                 st = os.stat(path)
             except OSError:
                 continue
-            with self._lock:  # the worker may be publishing already
-                self._known[path] = (st.st_size, st.st_mtime_ns)  # announced now: the startup event's run takes it
+            with self._lock:  # the worker may be publishing already: what it published is not counted again
+                if path in self._known or path in self._queued:
+                    continue
+                self._known[path] = (_stamp(st), None)  # announced now: the startup event's run takes it
             waiting += 1
+        self._scanned.set()
         if waiting:
             self.publisher.publish("landing", {"kind": "startup", "waiting": waiting})
         log.info("watching the landing zone (%d file(s) already waiting)", waiting)
@@ -148,7 +171,14 @@ class LandingWatcher:
         """A writer closed `path` after writing, or it was moved into place."""
         with self._lock:
             self._appeared.pop(path, None)
+            self._rescued.discard(path)
+            self._queued.add(path)
         self._work.put(path)
+
+    def gone(self, path: str) -> None:
+        """`path` was deleted or moved away: a file dropped there again is news, whatever it holds."""
+        with self._lock:
+            self._known.pop(path, None)
 
     def appeared(self, path: str) -> None:
         """`path` was created: a writer's new file (its close follows) or a file inside a folder moved in."""
@@ -186,43 +216,59 @@ class LandingWatcher:
         return (self._observer is not None and self._observer.is_alive() and self._worker is not None
                 and self._worker.is_alive() and self.root.is_dir())
 
-    def _drops(self) -> list[str]:
-        """Every file in the zone that `intake` would take as a drop."""
-        out = []
-        for sub in ("mis", "consent"):
-            for folder, _dirs, files in os.walk(self.root / sub):
-                for name in files:
-                    path = os.path.join(folder, name)
-                    if drop_of(self.root, Path(path)) is not None:
-                        out.append(path)
-        return out
+    def _drops(self) -> tuple[list[str], bool]:
+        """Every file in the zone that `intake` would take as a drop (`mis/<URN>/<file>`, `consent/<URN>.csv`), and
+        whether the whole zone could be listed."""
+        out: list[str] = []
+        complete = True
 
-    def _rescan(self) -> int:
-        """Watch the drops no event announced (see the module docstring); how many there were."""
+        def files(folder: Path) -> list[os.DirEntry[str]]:
+            nonlocal complete
+            try:
+                with os.scandir(folder) as it:
+                    return list(it)
+            except FileNotFoundError:
+                return []
+            except OSError:
+                complete = False
+                return []
+
+        for school in files(self.root / "mis"):
+            if school.is_dir():
+                out += [f.path for f in files(Path(school.path))
+                        if f.is_file() and drop_of(self.root, Path(f.path)) is not None]
+        out += [f.path for f in files(self.root / "consent") if f.is_file() and drop_of(self.root, Path(f.path))]
+        return out, complete
+
+    def _rescan(self, since: float) -> int:
+        """Watch the drops no event announced (see the module docstring): files unchanged since `since` (the wall
+        clock when the previous rescan began) that were not published as they are. How many were found."""
         found = 0
-        present = set()
-        for path in self._drops():
-            present.add(path)
+        drops, complete = self._drops()
+        for path in drops:
             try:
                 st = os.stat(path)
             except OSError:
                 continue
+            if st.st_ctime > since:
+                continue  # changed since the last listing began: its own event may still be on its way
             with self._lock:
-                if self._known.get(path) == (st.st_size, st.st_mtime_ns) or path in self._appeared:
+                known = self._known.get(path)
+                if (known is not None and known[0] == _stamp(st)) or path in self._appeared or path in self._queued:
                     continue
                 self._appeared[path] = (time.monotonic(), st.st_size, st.st_mtime_ns)
+                self._rescued.add(path)
             found += 1
-        with self._lock:
-            for path in set(self._known) - present:  # taken by a run's intake (or removed): nothing to remember
-                del self._known[path]
-        if found:
-            self.rescued += found
-            log.warning("%d landed file(s) had no event (events lost: an inotify queue overflow?); each is "
-                        "published once it has held still", found)
+        if complete:  # forget what is no longer there (taken by a run's intake), unless the listing was partial
+            present = set(drops)
+            with self._lock:
+                for path in set(self._known) - present:
+                    del self._known[path]
         return found
 
     def _run(self) -> None:
         checked = rescanned = time.monotonic()
+        since = time.time()
         while True:
             try:
                 item = self._work.get(timeout=min(1.0, self.settle))
@@ -236,31 +282,44 @@ class LandingWatcher:
                 checked = time.monotonic()
                 for path in self._settled():
                     self._publish(Path(path))
-            if time.monotonic() - rescanned >= self.rescan:
+            if time.monotonic() - rescanned >= self.rescan and self._scanned.is_set():
                 rescanned = time.monotonic()
-                try:
-                    self._rescan()
-                except OSError as exc:  # the zone unreadable for a moment: the next rescan tries again
-                    log.warning("the landing zone could not be listed (%s)", type(exc).__name__)
+                began = time.time()
+                self._rescan(since)
+                since = began
 
     def _publish(self, path: Path) -> None:
+        key = str(path)
+        with self._lock:
+            self._queued.discard(key)
+            rescued = key in self._rescued
+            self._rescued.discard(key)
         drop = drop_of(self.root, path)
         if drop is None:
             return
         kind, urn = drop
         try:
-            st = os.stat(path)
-            with self._lock:
-                if self._known.get(str(path)) == (st.st_size, st.st_mtime_ns):
-                    return  # announced already, as it is now (an event and a rescan may both have found it)
-            sha, size = _sha256(path)
+            got = _sha256(path)
         except OSError:
             return  # already taken by a run's intake (sealed, the plain copy removed): that run has it
+        if got is None:
+            return  # changing as it was read: its close event follows (or the next rescan finds it)
+        sha, size, stamp = got
         with self._lock:
-            self._known[str(path)] = (st.st_size, st.st_mtime_ns)
+            known = self._known.get(key)
+            self._known[key] = (stamp, sha)
+        # this file (same inode) announced already with this content: an event and a rescan both found it, or a touch
+        same_file = known is not None and known[0][0] == stamp[0]
+        if same_file and known is not None and (known[1] == sha or (known[1] is None and known[0] == stamp)):
+            return
         self.publisher.publish("landing", {"kind": kind, "school_urn": urn, "sha256": sha, "size": size})
         self.published += 1
-        log.info("a %s file landed for school %s (sha256 %s…): event published", kind, urn, sha[:12])
+        if rescued:
+            self.rescued += 1
+            log.warning("a %s file for school %s had no event (events lost: an inotify queue overflow?); found by "
+                        "the rescan and published (sha256 %s…)", kind, urn, sha[:12])
+        else:
+            log.info("a %s file landed for school %s (sha256 %s…): event published", kind, urn, sha[:12])
 
 
 class _Handler(FileSystemEventHandler):
@@ -277,6 +336,9 @@ class _Handler(FileSystemEventHandler):
         if kind == "closed":
             self.w.completed(os.fsdecode(event.src_path))
         elif kind == "moved" and event.dest_path:
+            self.w.gone(os.fsdecode(event.src_path))
             self.w.completed(os.fsdecode(event.dest_path))
+        elif kind == "deleted":
+            self.w.gone(os.fsdecode(event.src_path))
         elif kind == "created":
             self.w.appeared(os.fsdecode(event.src_path))

@@ -45,7 +45,7 @@ from typing import Any, ClassVar, Final, cast
 from connectors.hl7v2.ack import build_ack
 from connectors.hl7v2.fastcheck import REFUSE_REJECT, Checked, check
 from connectors.hl7v2.mllp import MAX_FRAME, FrameDecoder, Oversize
-from connectors.hl7v2.store import T_CHECK_FAILED, MessageStore, Pending, WriterProcess, reply
+from connectors.hl7v2.store import T_CHECK_FAILED, T_NOT_STORED, MessageStore, Pending, WriterProcess, reply
 from connectors.peer_process import REPO_ROOT, PeerProcess
 
 __all__ = ["T_CHECK_FAILED", "T_OVERSIZE", "ListenerProcess", "MllpListener", "run", "server_context"]
@@ -180,10 +180,13 @@ class MllpListener:
         self.on_stored = on_stored
         self.max_message = max_message
         self.max_inflight = max_inflight
+        if not stall_warning > 0:
+            raise ValueError("stall_warning must be over 0 seconds")
         self.stall_warning = stall_warning
         self.stalls = 0  # commits that took longer than stall_warning
         self._sent_at = 0.0  # when the batch in flight went to the writer
         self._stall_logged = 0.0  # how long it had waited when last logged (0: not logged)
+        self._watchdog: asyncio.Future[None] | None = None
         self.connections: set[_Connection] = set()
         self.counts = {"connections": 0, "messages": 0, "oversize": 0, "discarded_bytes": 0, "dropped_at_shutdown": 0}
         self.stopping = False
@@ -235,11 +238,16 @@ class MllpListener:
         the next batch."""
         batch, self._batch = self._batch, None
         assert batch is not None
-        if self._stall_logged:
-            log.warning("the store answered after %.1f s: %d messages acknowledged", time.monotonic() - self._sent_at,
-                        len(batch))
-            self._stall_logged = 0.0
         new, highest, stats = WriterProcess.answer(answer, batch)
+        if self._stall_logged:
+            self._stall_logged = 0.0
+            lost = sum(1 for p in batch if p.text == T_NOT_STORED)
+            if lost:
+                log.error("the store answered after %.1f s, and could not store the commit: %d messages refused "
+                          "with AR 207 (their senders must send them again)", time.monotonic() - self._sent_at, lost)
+            else:
+                log.warning("the store answered after %.1f s: %d messages stored and acknowledged",
+                            time.monotonic() - self._sent_at, len(batch))
         self._submit()  # the next group commit starts before this one's ACKs are written
         self.store.stats.update(stats)
         owners = set()
@@ -322,11 +330,11 @@ class MllpListener:
         if ready is not None:
             ready(port)
         stats = asyncio.ensure_future(self._log_stats())
-        watchdog = asyncio.ensure_future(self._watch_commits())
+        self._watchdog = asyncio.ensure_future(self._watch_commits())
         assert self._stopped is not None
         await self._stopped.wait()
         stats.cancel()
-        watchdog.cancel()
+        self._watchdog.cancel()
         if self.failed:
             raise RuntimeError("the HL7v2 store's writer process is gone")
 
@@ -341,7 +349,7 @@ class MllpListener:
                 if not self._stall_logged:
                     self.stalls += 1
                 self._stall_logged = waited
-                log.error("the store has not answered a commit for %.0f s: %d messages wait for their ACKs (%d in "
+                log.error("the store has not answered a commit for %.1f s: %d messages wait for their ACKs (%d in "
                           "that commit); is the database locked by another process, or the disk not answering?",
                           waited, self._inflight, len(self._batch))
 
@@ -415,6 +423,11 @@ class MllpListener:
         if self._torn_down:
             return
         self._torn_down = True
+        if self._watchdog is not None:  # nothing more will be answered: no more "has not answered" lines
+            self._watchdog.cancel()
+        if self._inflight:
+            log.error("%d messages were not acknowledged when the listener stopped (their senders will send them "
+                      "again)", self._inflight)
         loop = asyncio.get_running_loop()
         try:
             if self._writer is not None:

@@ -304,6 +304,7 @@ def test_files_whose_events_were_lost_are_found_by_the_rescan_once(prefix: str, 
         (root / "mis" / "100003" / "LOSTNAME.xml").write_bytes(b"<CTfile>lost</CTfile>")
         found = listener.until(3)[2]["data"]
         assert (found["kind"], found["school_urn"], found["size"]) == ("mis", "100003", 21)
+        os.utime(root / "mis" / "100002" / "heard.xml")  # a touch: new times, the same content
         time.sleep(1.5)  # several more rescans: nothing is published twice
         publisher.publish("landing", {"kind": "sentinel"})
         assert listener.until(4)[3]["data"] == {"kind": "sentinel"}
@@ -312,7 +313,27 @@ def test_files_whose_events_were_lost_are_found_by_the_rescan_once(prefix: str, 
         watcher.stop()
         publisher.close()
         listener.close()
-    assert "1 landed file(s) had no event" in caplog.text and "LOSTNAME" not in caplog.text
+    assert "had no event" in caplog.text and "LOSTNAME" not in caplog.text
+
+
+def test_a_file_deleted_and_dropped_again_is_announced_again(watched: tuple[Path, Listener]) -> None:
+    """The same content under the same name, after the first copy was taken: a new drop, announced again; a touch of
+    a file already announced is not."""
+    root, listener = watched
+    school = root / "mis" / "100006"
+    school.mkdir(parents=True)
+    (school / "ctf.xml").write_bytes(b"<CTfile>same</CTfile>")
+    first = listener.until(1)[0]["data"]
+    (school / "ctf.xml").unlink()
+    (school / "ctf.xml").write_bytes(b"<CTfile>same</CTfile>")
+    again = listener.until(2)[1]["data"]
+    assert again == first and again["school_urn"] == "100006"
+    with (school / "ctf.xml").open("ab"):  # opened for writing and closed unchanged: a close event, no news
+        pass
+    publisher = publisher_from_env()
+    publisher.publish("landing", {"kind": "sentinel"})
+    publisher.close()
+    assert listener.until(3)[2]["data"] == {"kind": "sentinel"}
 
 
 def test_watcher_thread_is_gone_after_stop(prefix: str, sl_home: Path) -> None:
@@ -365,3 +386,9 @@ def test_a_watcher_whose_zone_is_gone_says_so_and_its_command_exits(prefix: str,
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_landing_watch_refuses_a_rescan_period_of_zero(sl_home: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "schoolslink.cli", "landing", "watch", "--rescan", "0"],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    assert done.returncode == 2 and "--rescan must be over 0 seconds" in done.stderr

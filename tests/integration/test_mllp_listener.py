@@ -592,8 +592,16 @@ def test_a_commit_the_database_holds_up_is_logged_then_acknowledged(env: dict[st
         ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         serve = asyncio.ensure_future(lst.serve(ready.set_result))
         port = await ready
-        blocker.execute("BEGIN IMMEDIATE")  # the write lock, held
         loop = asyncio.get_running_loop()
+
+        def quick() -> str:
+            with MllpSender("127.0.0.1", port, timeout=30) as s:
+                return s.send(adt("FREE1")).code
+
+        assert await loop.run_in_executor(None, quick) == "AA"
+        await asyncio.sleep(0.8)  # past stall_warning: a commit that returned is no stall
+        assert "has not answered" not in caplog.text
+        blocker.execute("BEGIN IMMEDIATE")  # the write lock, held
 
         def send() -> str:
             with MllpSender("127.0.0.1", port, timeout=30) as s:
@@ -613,10 +621,11 @@ def test_a_commit_the_database_holds_up_is_logged_then_acknowledged(env: dict[st
     finally:
         blocker.close()
     assert lst.stalls == 1
-    assert "the store has not answered a commit for" in caplog.text and "1 messages wait" in caplog.text
-    assert "the store answered after" in caplog.text
+    waited = [float(m) for m in re.findall(r"has not answered a commit for ([\d.]+) s", caplog.text)]
+    assert waited and min(waited) >= 0.5 and "1 messages wait" in caplog.text  # logged once the threshold passed
+    assert "the store answered after" in caplog.text and "1 messages stored and acknowledged" in caplog.text
     assert "HELD1" not in caplog.text and GOOD not in caplog.text
-    assert _store(env).counts()["received"] == 1
+    assert _store(env).counts()["received"] == 2
 
 
 def test_a_sender_that_never_reads_its_acks_is_not_read_from(env: dict[str, str]) -> None:
