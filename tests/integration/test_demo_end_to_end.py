@@ -13,8 +13,6 @@ key's subjects and version and a query by UPN still finds the child's entries un
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from connectors.fhir.client import FhirClient
 from connectors.fhir.server import MedplumServer
 from schoolslink.constants import OUR_META_SOURCE
 from tests import leakscan
+from tests.integration.demo_cli import run_demo
 
 pytestmark = pytest.mark.slow
 RUN_DATE = "2026-11-26"
@@ -45,13 +44,8 @@ class DemoRun:
 
 
 def _demo(home: Path, base: str, *extra: str, env: dict[str, str] | None = None) -> tuple[dict[str, Any], str]:
-    env_cmd = [sys.executable, "-m", "schoolslink.cli", "demo", "--schools", SCHOOLS, "--pupils", PUPILS,
-               "--date", RUN_DATE, "--out", str(home), "--fhir-base", base, "--json", *extra]
-    res = subprocess.run(env_cmd, capture_output=True, text=True, check=False, timeout=900,
-                         env={**__import__("os").environ, "SCHOOLSLINK_HOME": str(home),
-                              "SCHOOLSLINK_KEY": KEY_V1, **(env or {})})
-    assert res.returncode == 0, res.stderr[-4000:] + res.stdout[-2000:]
-    return json.loads(res.stdout.strip().splitlines()[-1]), res.stdout + res.stderr
+    return run_demo(home, base, RUN_DATE, *extra, schools=SCHOOLS, pupils=PUPILS, seed=None, clean_input=False,
+                    key=KEY_V1, extra_env=env)
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ import pytest
 from markupsafe import escape as html_escape
 
 from connectors.fhir.server import MedplumServer
+from tests.integration.demo_cli import run_demo
 
 pytestmark = pytest.mark.slow
 KEY = "feed-scenario-key"
@@ -74,13 +75,7 @@ def _pick_seed() -> tuple[int, dict[str, dict[str, Any]]]:
 
 
 def _demo(home: Path, base: str, seed: int, night: str, *extra: str) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "schoolslink.cli", "demo", "--schools", str(SCHOOLS), "--pupils", str(PUPILS),
-           "--seed", str(seed), "--date", night, "--out", str(home), "--fhir-base", base, "--clean-input",
-           "--json", *extra]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=900,
-                         env={**os.environ, "SCHOOLSLINK_HOME": str(home), "SCHOOLSLINK_KEY": KEY})
-    assert res.returncode == 0, res.stderr[-4000:] + res.stdout[-2000:]
-    doc: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
+    doc, _ = run_demo(home, base, night, *extra, schools=SCHOOLS, pupils=PUPILS, seed=seed, key=KEY)
     assert doc["ok"]
     return doc
 
@@ -104,7 +99,7 @@ def _check_folder(folder: Path) -> dict[str, Any]:
     for name, meta in manifest["files"].items():
         data = (folder / name).read_bytes()
         assert meta["sha256"] == hashlib.sha256(data).hexdigest() and meta["bytes"] == len(data), name
-    full = json.loads((folder / "feed.json").read_text())
+    full: dict[str, Any] = json.loads((folder / "feed.json").read_text())
     changes = json.loads((folder / "changes.json").read_text())
     for doc, kind in ((full, "full"), (changes, "changes")):
         assert doc["$schema"] == SCHEMA_ID and doc["kind"] == kind and doc["feed_version"] == "2"

@@ -9,10 +9,6 @@ refused before; every unchanged record costs nothing, and no resource gains a se
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +18,7 @@ from sqlalchemy import create_engine, select
 from connectors.fhir.client import FhirClient
 from connectors.fhir.server import MedplumServer
 from schoolslink.mapping import fhir_inbound as fin
+from tests.integration.demo_cli import run_demo
 from tests.integration.fault_proxy import FaultProxy, Seen
 
 pytestmark = pytest.mark.slow
@@ -31,13 +28,7 @@ REFUSAL = "Observation.valueCodeableConcept: code 'X' is not in the trust's valu
 
 
 def _demo(home: Path, base: str) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "schoolslink.cli", "demo", "--schools", "2", "--pupils", "300", "--seed", "11",
-           "--date", NIGHT, "--out", str(home), "--fhir-base", base, "--clean-input", "--json"]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=900,
-                         env={**os.environ, "SCHOOLSLINK_HOME": str(home), "SCHOOLSLINK_KEY": KEY})
-    assert res.returncode == 0, res.stderr[-4000:] + res.stdout[-2000:]
-    doc: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
-    return doc
+    return run_demo(home, base, NIGHT, seed=11, key=KEY)[0]
 
 
 def _observation_writes(seen: list[Seen]) -> list[Seen]:

@@ -22,6 +22,7 @@ from connectors.fhir.client import FhirClient
 from connectors.fhir.server import MedplumServer
 from schoolslink.mapping import fhir_inbound as fin
 from tests.integration.conftest_mesh import SCHOOL_SIDE, TRUST_SIDE, MeshPeer
+from tests.integration.demo_cli import run_demo
 
 pytestmark = pytest.mark.slow
 NIGHT = "2026-11-26"
@@ -35,12 +36,7 @@ def _env(home: Path, base: str, mesh_config: Path) -> dict[str, str]:
 
 
 def _demo(env: dict[str, str], home: Path, base: str) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "schoolslink.cli", "demo", "--schools", "2", "--pupils", "300", "--seed", "11",
-           "--date", NIGHT, "--out", str(home), "--fhir-base", base, "--clean-input", "--json"]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=900, env=env)
-    assert res.returncode == 0, res.stderr[-4000:] + res.stdout[-2000:]
-    doc: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
-    return doc
+    return run_demo(home, base, NIGHT, seed=11, env=env)[0]
 
 
 def _mesh_exchange(env: dict[str, str], home: Path) -> None:

@@ -25,6 +25,7 @@ from sqlalchemy import create_engine, func, select
 
 from connectors.fhir.client import FhirClient
 from connectors.fhir.server import MedplumServer
+from tests.integration.demo_cli import run_demo
 
 pytestmark = pytest.mark.slow
 KEY = "withdrawal-scenario-key"
@@ -32,13 +33,7 @@ NIGHTS = ("2026-11-25", "2026-11-26")
 
 
 def _demo(home: Path, base: str, night: str, *extra: str) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "schoolslink.cli", "demo", "--schools", "2", "--pupils", "300", "--seed", "3",
-           "--date", night, "--out", str(home), "--fhir-base", base, "--clean-input", "--json", *extra]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=900,
-                         env={**os.environ, "SCHOOLSLINK_HOME": str(home), "SCHOOLSLINK_KEY": KEY})
-    assert res.returncode == 0, res.stderr[-4000:] + res.stdout[-2000:]
-    doc: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
-    return doc
+    return run_demo(home, base, night, *extra, key=KEY)[0]
 
 
 def _register_text(home: Path, urn: str) -> str:
