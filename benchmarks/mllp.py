@@ -55,6 +55,13 @@ TEMPLATE = ("MSH|^~\\&|PAS|RX1|SCHOOLSLINK|SL|20261126120000||ADT^A08^ADT_A01|%s
             "ZU1|local extension|kept\r")
 
 
+def _test_numbers(n: int = 1000) -> list[str]:
+    """The first `n` valid NHS numbers of the 999 test range: the senders cycle through them."""
+    from schoolslink.identifiers import make_test_nhs_number
+
+    return [make_test_nhs_number(i) for i in range(n)]
+
+
 def sample_message(i: int = 0) -> bytes:
     from schoolslink.identifiers import make_test_nhs_number
 
@@ -116,10 +123,8 @@ class _Sender(asyncio.Protocol):
 
 
 async def _senders(port: int, n: int, seconds: float, tag: str) -> dict[str, Any]:
-    from schoolslink.identifiers import make_test_nhs_number
-
     loop = asyncio.get_running_loop()
-    nhs = [make_test_nhs_number(i) for i in range(1000)]
+    nhs = _test_numbers()
     out: dict[str, Any] = {"lat": [], "aa": [], "other": 0, "mismatched": 0, "closed": 0}
     t0 = time.perf_counter()
     deadline = t0 + seconds
@@ -241,11 +246,9 @@ def load_generator(folder: Path) -> Path | None:
 
 
 def _c_senders(exe: Path, folder: Path, port: int, n: int, seconds: float, tag: str) -> dict[str, Any]:
-    from schoolslink.identifiers import make_test_nhs_number
-
     messages = folder / "messages.bin"
-    if not messages.exists():  # the template, NUL, then the NHS numbers back to back
-        messages.write_bytes(TEMPLATE.encode() + b"\0" + "".join(make_test_nhs_number(i) for i in range(1000)).encode())
+    if not messages.exists():  # the template, NUL, then the NHS numbers back to back (a test may have written it)
+        messages.write_bytes(TEMPLATE.encode() + b"\0" + "".join(_test_numbers()).encode())
     result, acked = folder / f"{tag}.json", folder / f"{tag}.acked"
     done = subprocess.run([str(exe), str(port), str(n), str(seconds), tag, str(messages), str(result), str(acked)],
                           stdin=subprocess.DEVNULL)

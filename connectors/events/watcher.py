@@ -237,13 +237,13 @@ class LandingWatcher:
             if school.is_dir():
                 out += [f.path for f in files(Path(school.path))
                         if f.is_file() and drop_of(self.root, Path(f.path)) is not None]
-        out += [f.path for f in files(self.root / "consent") if f.is_file() and drop_of(self.root, Path(f.path))]
+        out += [f.path for f in files(self.root / "consent")
+                if f.is_file() and drop_of(self.root, Path(f.path)) is not None]
         return out, complete
 
-    def _rescan(self, since: float) -> int:
+    def _rescan(self, since: float) -> None:
         """Watch the drops no event announced (see the module docstring): files unchanged since `since` (the wall
-        clock when the previous rescan began) that were not published as they are. How many were found."""
-        found = 0
+        clock when the previous rescan began) that were not published as they are."""
         drops, complete = self._drops()
         for path in drops:
             try:
@@ -258,13 +258,11 @@ class LandingWatcher:
                     continue
                 self._appeared[path] = (time.monotonic(), st.st_size, st.st_mtime_ns)
                 self._rescued.add(path)
-            found += 1
         if complete:  # forget what is no longer there (taken by a run's intake), unless the listing was partial
             present = set(drops)
             with self._lock:
                 for path in set(self._known) - present:
                     del self._known[path]
-        return found
 
     def _run(self) -> None:
         checked = rescanned = time.monotonic()
@@ -308,10 +306,9 @@ class LandingWatcher:
         with self._lock:
             known = self._known.get(key)
             self._known[key] = (stamp, sha)
-        # this file (same inode) announced already with this content: an event and a rescan both found it, or a touch
-        same_file = known is not None and known[0][0] == stamp[0]
-        if same_file and known is not None and (known[1] == sha or (known[1] is None and known[0] == stamp)):
-            return
+        if known is not None and known[0][0] == stamp[0]:  # the same file (inode) announced already
+            if known[1] == sha or (known[1] is None and known[0] == stamp):
+                return  # with this content: an event and a rescan both found it, or a touch
         self.publisher.publish("landing", {"kind": kind, "school_urn": urn, "sha256": sha, "size": size})
         self.published += 1
         if rescued:

@@ -332,9 +332,8 @@ class MllpListener:
         stats = asyncio.ensure_future(self._log_stats())
         self._watchdog = asyncio.ensure_future(self._watch_commits())
         assert self._stopped is not None
-        await self._stopped.wait()
+        await self._stopped.wait()  # after _teardown, which stopped the watchdog
         stats.cancel()
-        self._watchdog.cancel()
         if self.failed:
             raise RuntimeError("the HL7v2 store's writer process is gone")
 

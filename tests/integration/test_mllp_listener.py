@@ -198,26 +198,40 @@ def test_store_group_commit_duplicates_and_the_full_parse_api(store_url: str, en
     store.close()
 
 
+class _CommitStream:
+    """A store committing on its writer thread, fed one commit at a time: back to back, as under load."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.store = MessageStore(env["SCHOOLSLINK_DB_URL"])
+        self._committed = threading.Event()
+        self.store.start(on_commit=lambda batch: self._committed.set())
+
+    def commits(self, prefix: str, rounds: range) -> Iterator[int]:
+        """One commit of ten messages per round, each waited for; yields after each. Ten senders' streams: the
+        unique index is written widely."""
+        from connectors.hl7v2.fastcheck import check
+        from connectors.hl7v2.store import Pending
+
+        for n in rounds:
+            msgs = [adt(f"{prefix}{k}-{n}") for k in range(10)]
+            self._committed.clear()
+            self.store.submit(Pending(check(m), m) for m in msgs)
+            assert self._committed.wait(30)
+            yield len(msgs)
+
+
 def test_the_wal_starts_again_under_a_steady_stream_of_commits(env: dict[str, str]) -> None:
     """Commits back to back leave a PASSIVE checkpoint no moment to catch up: without the RESTART checkpoint the WAL
     grew by every commit's pages (about 100 MB a second under load), each a new block of the file to allocate."""
-    from connectors.hl7v2.fastcheck import check
-    from connectors.hl7v2.store import Pending
-
-    store = MessageStore(env["SCHOOLSLINK_DB_URL"])
-    committed = threading.Event()
-    store.start(on_commit=lambda batch: committed.set())
+    stream = _CommitStream(env)
+    store = stream.store
     wal = Path(env["SCHOOLSLINK_DB_URL"].removeprefix("sqlite:///") + "-wal")
     largest = 0
     written = 0
     try:
-        for n in range(1500):
-            msgs = [adt(f"W{k}-{n}") for k in range(10)]  # ten senders' streams: the unique index is written widely
-            committed.clear()
-            store.submit(Pending(check(m), m) for m in msgs)
-            assert committed.wait(30)
+        for sent in stream.commits("W", range(1500)):
             largest = max(largest, wal.stat().st_size)
-            written += len(msgs)
+            written += sent
     finally:
         store.close()
     assert store.counts()["received"] == written == 15_000
@@ -230,13 +244,9 @@ def test_a_reader_in_the_wal_makes_the_restart_give_up_not_the_writer_wait(env: 
     checkpoint must give up at once and let commits go on, and succeed once the reader has gone."""
     import sqlite3
 
-    from connectors.hl7v2.fastcheck import check
-    from connectors.hl7v2.store import Pending
-
     path = env["SCHOOLSLINK_DB_URL"].removeprefix("sqlite:///")
-    store = MessageStore(env["SCHOOLSLINK_DB_URL"])
-    committed = threading.Event()
-    store.start(on_commit=lambda batch: committed.set())
+    stream = _CommitStream(env)
+    store = stream.store
     reading = threading.Event()
     done = threading.Event()
 
@@ -256,17 +266,13 @@ def test_a_reader_in_the_wal_makes_the_restart_give_up_not_the_writer_wait(env: 
     t.start()
     try:
         assert reading.wait(10)
-        for n in range(1500):
-            committed.clear()
-            store.submit(Pending(check(m), m) for m in [adt(f"R{k}-{n}") for k in range(10)])
-            assert committed.wait(30)
+        for _ in stream.commits("R", range(1500)):
+            pass
         refused = store.stats["wal_restarts_refused"]
         done.set()
         t.join(10)
-        for n in range(1500, 2500):  # the reader gone: the WAL starts again
-            committed.clear()
-            store.submit(Pending(check(m), m) for m in [adt(f"R{k}-{n}") for k in range(10)])
-            assert committed.wait(30)
+        for _ in stream.commits("R", range(1500, 2500)):  # the reader gone: the WAL starts again
+            pass
         deadline = time.monotonic() + 10
         while store.stats["wal_restarts"] == 0 and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -594,20 +600,15 @@ def test_a_commit_the_database_holds_up_is_logged_then_acknowledged(env: dict[st
         port = await ready
         loop = asyncio.get_running_loop()
 
-        def quick() -> str:
+        def send(cid: str) -> str:
             with MllpSender("127.0.0.1", port, timeout=30) as s:
-                return s.send(adt("FREE1")).code
+                return s.send(adt(cid)).code
 
-        assert await loop.run_in_executor(None, quick) == "AA"
+        assert await loop.run_in_executor(None, send, "FREE1") == "AA"
         await asyncio.sleep(0.8)  # past stall_warning: a commit that returned is no stall
         assert "has not answered" not in caplog.text
         blocker.execute("BEGIN IMMEDIATE")  # the write lock, held
-
-        def send() -> str:
-            with MllpSender("127.0.0.1", port, timeout=30) as s:
-                return s.send(adt("HELD1")).code
-
-        sent = loop.run_in_executor(None, send)
+        sent = loop.run_in_executor(None, send, "HELD1")
         await asyncio.sleep(1.6)
         assert not sent.done()  # no ACK while the commit cannot happen
         blocker.execute("COMMIT")
